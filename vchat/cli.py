@@ -1,0 +1,44 @@
+"""The `vchat` command: a dispatcher over subcommands that live beside the code they drive.
+
+Each subcommand is named by module path and imported only when it runs, so `vchat --help` starts
+fast and `vchat/` stays framework-free.
+
+    vchat check-logits tests/golden/baseline-mmca            # a reference checkpoint vs its goldens
+    vchat check-logits tests/golden --framework torch        # every case listed in index.json
+    vchat demo                                               # the main job on built-in defaults
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "check-logits": ("vchat.check_logits", "compare a checkpoint's logits, loss and greedy tokens with golden outputs"),
+    "demo": ("vchat.demo", "the main job on built-in defaults"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: vchat <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`vchat <command> --help` describes a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"vchat: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest, prog=f"vchat {name}") or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
