@@ -15,6 +15,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "check-logits": ("vchat.check_logits", "compare a checkpoint's logits, loss and greedy tokens with golden outputs"),
+    "train": ("vchat_torch.train", "train with DeepSpeed (the reference's flags)"),
     "demo": ("vchat.demo", "the main job on built-in defaults"),
 }
 

@@ -1,0 +1,163 @@
+"""`vchat train` flags and the DeepSpeed config they make.
+
+The flags are the reference's (`training/main.py:parse_args`, DSVC_INVENTORY.md section 3) with the
+same names and defaults, so its `run_7b.sh` recipe runs with paths changed; vchat adds `--offload`,
+`--deepspeed_config`, `--compat`, `--max_steps`, `--eval_every`, `--save_every` and a few of its
+own (model source, tokenizer, trainable parts), all after the reference's in `--help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from transformers import SchedulerType
+
+from vchat.data import REFERENCE_DATASETS
+
+DATASET_CHOICES = tuple(REFERENCE_DATASETS) + ("synthetic",)
+TRAINABLE_PARTS = ("lang_embed", "projection", "lang_decoder", "vis_encoder")
+
+
+def build_parser(prog: str = "vchat train") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description="Train VisualChat with DeepSpeed (the reference's flags).")
+    r = ap.add_argument_group("the reference's flags")
+    r.add_argument("--data_path", default="./data/")
+    r.add_argument("--data_debug_path", default=None)
+    r.add_argument("--data_train_split_ratio", type=float, default=0.9)
+    r.add_argument("--dataset_names", nargs="*", default=["minigpt4"])
+    r.add_argument("--dataset_samples", nargs="*", default=["all"])
+    r.add_argument("--dataset_concatenate_samples", nargs="*", type=int, default=[1])
+    r.add_argument("--max_num_image_per_sample", type=int, default=8)
+    r.add_argument("--per_device_train_batch_size", type=int, default=2)
+    r.add_argument("--per_device_eval_batch_size", type=int, default=2)
+    r.add_argument("--max_seq_len", type=int, default=4096)
+    r.add_argument("--learning_rate", type=float, default=1e-3)
+    r.add_argument("--learning_rate_pretraining_components", type=float, default=0)
+    r.add_argument("--weight_decay", type=float, default=0.0)
+    r.add_argument("--num_train_epochs", type=int, default=6)
+    r.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    r.add_argument("--lr_scheduler_type", type=SchedulerType, default="cosine",
+                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                            "constant_with_warmup"])
+    r.add_argument("--num_warmup_steps", type=float, default=0)
+    r.add_argument("--output_dir", default=None)
+    r.add_argument("--seed", type=int, default=1234)
+    r.add_argument("--local_rank", type=int, default=-1)
+    r.add_argument("--gradient_checkpointing", action="store_true")
+    r.add_argument("--lm_model_name_or_path", default=None,
+                   help="a vchat checkpoint directory, a model preset name, or a model config JSON")
+    r.add_argument("--vision_model_name_or_path", default="openai/clip-vit-large-patch14",
+                   help="kept for the reference's recipes; the vision tower comes with --lm_model_name_or_path")
+    r.add_argument("--enable_mmca_attention", action="store_true")
+    r.add_argument("--vis_proj", choices=("baseline", "vit", "perceiver"), default="baseline")
+    r.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3), default=0)
+    r.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16")
+    r.add_argument("--enable_tensorboard", action="store_true")
+    r.add_argument("--lang_lora_dim", type=int, default=0)
+    r.add_argument("--lang_lora_module_name", default="model.layers.")
+    r.add_argument("--vis_lora_dim", type=int, default=0)
+    r.add_argument("--vis_lora_module_name", default="encoder.layers.")
+    r.add_argument("--only_optimize_lora", action="store_true")
+
+    v = ap.add_argument_group("vchat's additions")
+    v.add_argument("--offload", action="store_true", help="ZeRO offload of the optimizer (and parameters at stage 3)")
+    v.add_argument("--deepspeed_config", default=None, help="a DeepSpeed JSON; its entries win over the flags")
+    v.add_argument("--compat", choices=("dsvc", "fixed"), default="fixed")
+    v.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
+    v.add_argument("--eval_every", type=int, default=0, help="evaluate every N steps (0: once per epoch)")
+    v.add_argument("--save_every", type=int, default=0, help="resumable checkpoint every N steps (0: per epoch)")
+    v.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside the data, or the synthetic one)")
+    v.add_argument("--trainable", default="lang_embed,projection",
+                   help=f"comma list of parts to train, from {','.join(TRAINABLE_PARTS)}")
+    v.add_argument("--synthetic_samples", type=int, default=2000, help="size of the built-in synthetic dataset")
+    v.add_argument("--save_trainable_only", action="store_true", help="final/best checkpoints hold trainable tensors")
+    v.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank, scaling 1)")
+    v.add_argument("--lora_dropout", type=float, default=0.0)
+    v.add_argument("--stop_after_steps", type=int, default=0,
+                   help="end this run after N steps, schedule unchanged (resume later with the same command)")
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap
+
+
+def parse_args(argv=None, prog: str = "vchat train") -> argparse.Namespace:
+    args = build_parser(prog).parse_args(argv)
+    if args.output_dir is None:
+        raise SystemExit(f"{prog}: --output_dir is required")
+    if args.lm_model_name_or_path is None:
+        raise SystemExit(f"{prog}: --lm_model_name_or_path is required (a vchat checkpoint, a preset or a config JSON)")
+    unknown = [n for n in args.dataset_names if n not in DATASET_CHOICES]
+    if unknown:
+        raise SystemExit(f"{prog}: unknown dataset(s) {unknown}; known: {', '.join(DATASET_CHOICES)}")
+    parts = [p for p in args.trainable.split(",") if p]
+    bad = [p for p in parts if p not in TRAINABLE_PARTS]
+    if bad or not parts:
+        raise SystemExit(f"{prog}: --trainable takes parts from {TRAINABLE_PARTS}, got {args.trainable!r}")
+    args.trainable = parts
+    return args
+
+
+class DeepSpeedConfigError(ValueError):
+    pass
+
+
+def ds_config(args: argparse.Namespace, world_size: int) -> dict:
+    """The reference's training config (`utils/ds_utils.py:get_train_ds_config`), then the user's file."""
+    zero = {"stage": args.zero_stage, "stage3_param_persistence_threshold": 1e4,
+            "stage3_max_live_parameters": 3e7, "stage3_prefetch_bucket_size": 0, "memory_efficient_linear": False}
+    if args.offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if args.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    cfg = {
+        "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "train_batch_size": args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps,
+        "steps_per_print": 10**9,  # vchat prints its own progress
+        "zero_optimization": zero,
+        "fp16": {"enabled": args.precision == "fp16", "loss_scale_window": 100},
+        "bf16": {"enabled": args.precision == "bf16"},
+        "gradient_clipping": 1.0,
+        "prescale_gradients": False,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+    }
+    if args.deepspeed_config:
+        cfg = merge_user_config(cfg, read_user_config(args.deepspeed_config), args.deepspeed_config, world_size)
+    return cfg
+
+
+def read_user_config(path: str) -> dict:
+    if not os.path.exists(path):
+        raise DeepSpeedConfigError(f"--deepspeed_config {path}: no such file")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DeepSpeedConfigError(f"--deepspeed_config {path}: not valid JSON (line {e.lineno}: {e.msg})") from e
+    if not isinstance(cfg, dict):
+        raise DeepSpeedConfigError(f"--deepspeed_config {path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def merge_user_config(base: dict, user: dict, path: str, world_size: int) -> dict:
+    cfg = {**base, **{k: v for k, v in user.items() if k != "zero_optimization"}}
+    cfg["zero_optimization"] = {**base["zero_optimization"], **user.get("zero_optimization", {})}
+    stage = cfg["zero_optimization"].get("stage")
+    if stage not in (0, 1, 2, 3):
+        raise DeepSpeedConfigError(f"--deepspeed_config {path}: zero_optimization.stage must be 0-3, got {stage!r}")
+    for key in ("optimizer", "scheduler"):
+        if key in user:
+            raise DeepSpeedConfigError(f"--deepspeed_config {path}: '{key}' is set by vchat (the reference's AdamW "
+                                       "groups and --lr_scheduler_type); remove it from the file")
+    micro, gas = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]
+    if "train_batch_size" in user and user["train_batch_size"] != micro * gas * world_size:
+        raise DeepSpeedConfigError(
+            f"--deepspeed_config {path}: train_batch_size {user['train_batch_size']} != micro batch {micro} x "
+            f"gradient accumulation {gas} x {world_size} processes")
+    cfg["train_batch_size"] = micro * gas * world_size
+    if cfg.get("fp16", {}).get("enabled") and cfg.get("bf16", {}).get("enabled"):
+        raise DeepSpeedConfigError(f"--deepspeed_config {path}: fp16 and bf16 are both enabled")
+    return cfg
