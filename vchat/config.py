@@ -242,6 +242,12 @@ _LLAMA2_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=2, image_pretoke
 PRESETS: dict[str, ModelConfig] = {
     # The geometry of the goldens: 96 ids, CLIP 32px/8, LLaMA hidden 128.
     "tiny": ModelConfig(llm=LLMConfig(max_position_embeddings=1024)),
+    # The main job's model (`make demo`): small enough to train on two CPU cores in minutes.
+    "demo": ModelConfig(vision=VisionConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=2, num_attention_heads=4),
+                        llm=LLMConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024),
+                        mmca=True, compat="fixed"),
     "llama2-7b-clip-l14": ModelConfig(vision=CLIP_L14_224, llm=LLAMA2_7B, **_LLAMA2_IDS),
     "llama2-13b-qwen": ModelConfig(vision=QWEN_VIT_BIGG_448, llm=LLAMA2_13B, **_LLAMA2_IDS),
     "llama2-70b-qwen": ModelConfig(vision=QWEN_VIT_BIGG_448, llm=LLAMA2_70B, **_LLAMA2_IDS),

@@ -1,0 +1,120 @@
+"""From samples to batches: the dataset a trainer indexes and a batch iterator.
+
+Mirrors the reference's `DataLoader(..., collate_fn=DataCollatorPadToMaxLen)` over the split
+mixture (`training/main.py`). `EncodedDataset` is an index-able dataset (a torch `DataLoader` with a
+`DistributedSampler` can take it directly, with `collate_fn=dataset.collate`); `iterate_batches` is
+the framework-free loader the JAX trainer uses: a seeded per-epoch order (fixes B8), sharded by
+rank, refilling batches past samples the budget drops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from vchat.data.collate import Batch, Example, collate
+from vchat.data.encode import Budget, Dropped, encode_sample, render_turns
+from vchat.data.preprocess import ImageProcessor
+from vchat.data.readers import TOKEN_NUMBERED
+from vchat.data.sample import open_image, stable_seed
+from vchat.data.tokenizer import TextTokenizer
+
+NUMBERING_MODES = ("text", "token", "reference")
+
+
+class EncodedDataset:
+    """`dataset[i]` -> `Example` (ids, labels, pixels) or `Dropped`.
+
+    numbering: "text" (default), "token", or "reference" (token-level for the reference's VQA-path
+    datasets, text-level for the others, as the reference mixes them).
+    """
+
+    def __init__(self, source, tokenizer: TextTokenizer, processor: ImageProcessor, budget: Budget = Budget(),
+                 numbering: str = "text"):
+        if numbering not in NUMBERING_MODES:
+            raise ValueError(f"numbering must be one of {NUMBERING_MODES}, got {numbering!r}")
+        self.source, self.tokenizer, self.processor = source, tokenizer, processor
+        self.budget, self.numbering = budget, numbering
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.source, "set_epoch"):
+            self.source.set_epoch(epoch)
+
+    def _numbering(self, origin: str) -> str:
+        if self.numbering != "reference":
+            return self.numbering
+        return "token" if origin.split("[", 1)[0] in TOKEN_NUMBERED else "text"
+
+    def __getitem__(self, i: int) -> Example | Dropped:
+        sample = self.source[i]
+        enc = encode_sample(sample, self.tokenizer, self.budget, self._numbering(sample.origin))
+        if isinstance(enc, Dropped):
+            return enc
+        pixels = self.processor.batch(enc.images, where=enc.origin)
+        return Example(enc.input_ids, enc.labels, pixels, enc.origin)
+
+    def collate(self, examples: list, pad_multiple: int = 1) -> Batch | None:
+        return collate(examples, self.tokenizer.pad_id, self.processor.shape, pad_multiple)
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng(stable_seed(seed, "epoch", epoch)).permutation(n)
+
+
+def iterate_batches(dataset: EncodedDataset, batch_size: int, shuffle: bool = True, seed: int = 0,
+                    epoch: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1,
+                    pad_multiple: int = 1, verbose: bool = False) -> Iterator[Batch]:
+    """Batches of `batch_size` kept samples for one epoch; this rank sees every `world_size`-th
+    index of the epoch's order. Dropped samples are skipped; each batch counts them in `dropped`."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dataset.set_epoch(epoch)
+    order = epoch_order(len(dataset), seed, epoch, shuffle)[rank::world_size]
+    pending, dropped, total_dropped = [], 0, 0
+    for i in order:
+        ex = dataset[int(i)]
+        if isinstance(ex, Dropped):
+            dropped += 1
+            total_dropped += 1
+            if verbose:
+                print(f"[data] dropped {ex.origin}: {ex.reason}")
+            continue
+        pending.append(ex)
+        if len(pending) == batch_size:
+            batch = dataset.collate(pending, pad_multiple)
+            yield dataclasses.replace(batch, dropped=dropped)
+            pending, dropped = [], 0
+    if pending and not drop_last:
+        batch = dataset.collate(pending, pad_multiple)
+        yield dataclasses.replace(batch, dropped=dropped)
+    if verbose and total_dropped:
+        print(f"[data] epoch {epoch}: {total_dropped} samples dropped by the budget")
+
+
+def dump_samples(source, directory: str, n: int = 10, numbering: str = "text") -> list[str]:
+    """Write the first `n` samples' prompt text and images for inspection (the reference's
+    `--data_debug_path`, which dumps 10 per rank): `sample{i}.txt` and `sample{i}_image{k}.png`.
+    Returns the files written."""
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    for i in range(min(n, len(source))):
+        s = source[i]
+        path = os.path.join(directory, f"sample{i}.txt")
+        with open(path, "w") as f:
+            f.write(f"# {s.origin}\n")
+            for instruction, answer in render_turns(s, "text" if numbering == "reference" else numbering):
+                f.write(f"{instruction}{answer if answer is not None else ''}</s>\n")
+        written.append(path)
+        for k, im in enumerate(s.images):
+            path = os.path.join(directory, f"sample{i}_image{k + 1}.png")
+            open_image(im, s.origin).save(path)
+            written.append(path)
+    return written
