@@ -1,0 +1,119 @@
+"""vchat_jax checkpoints: an orbax directory, and loading torch-side checkpoints through convert/param_map.
+
+    model.save_pretrained("out/jax")                    # config.json + params/ (orbax, JAX layouts)
+    model = VisualChat.from_pretrained("out/jax")       # ... or a vchat_torch directory
+                                                        #     (config.json + model.safetensors)
+    model = from_dsvc("tests/golden/vit-mmca", config)  # a reference pytorch_model.bin (compat "dsvc")
+
+Nothing here imports torch: safetensors files are read with safetensors.numpy and reference
+`pytorch_model.bin` files with convert.torch_jax.read_torch_bin. Restores can be sharded: pass
+`mesh` and every parameter is placed with its NamedSharding (vchat_jax.sharding) as it is read.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import jax
+from flax import nnx
+
+from vchat.config import ModelConfig
+
+from .model import VisualChat
+
+CONFIG_NAME = "config.json"
+PARAMS_DIR = "params"  # orbax
+TORCH_WEIGHTS = "model.safetensors"  # vchat_torch's save_pretrained
+DSVC_WEIGHTS = "pytorch_model.bin"  # the reference's training script
+
+
+def save_pretrained(model: VisualChat, path: str) -> None:
+    """Write `config.json` and `params/` (orbax, every parameter) atomically: into a temporary sibling,
+    then renamed into place (replacing an existing directory)."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp", dir=os.path.dirname(path))
+    try:
+        model.config.save(os.path.join(tmp, CONFIG_NAME))
+        ckpt = ocp.StandardCheckpointer()
+        ckpt.save(os.path.join(tmp, PARAMS_DIR), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        ckpt.wait_until_finished()
+        if os.path.exists(path):
+            old = f"{path}.old{os.getpid()}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _abstract(config: ModelConfig, mesh=None) -> dict:
+    """The model's parameters as a nested dict of ShapeDtypeStruct (no allocation), sharded on `mesh`."""
+    model = nnx.eval_shape(lambda: VisualChat(config, nnx.Rngs(0)))
+    target = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if mesh is None:
+        return target
+    from .sharding import param_shardings
+
+    shardings = param_shardings(model, mesh)
+    flat = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    for path in flat:
+        node = target
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = jax.ShapeDtypeStruct(node[path[-1]].shape, node[path[-1]].dtype, sharding=shardings[path])
+    return target
+
+
+def from_pretrained(path: str, compat: str | None = None, mesh=None) -> VisualChat:
+    """Load a vchat directory: orbax `params/` (vchat_jax) or `model.safetensors` (vchat_torch, full)."""
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; is this a vchat checkpoint directory?")
+    config = ModelConfig.load(cfg_path)
+    if compat is not None:
+        config = config.replace(compat=compat)
+    model = VisualChat(config, nnx.Rngs(0))
+    if os.path.isdir(os.path.join(path, PARAMS_DIR)):
+        import orbax.checkpoint as ocp
+
+        target = _abstract(config, mesh)
+        restored = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), target)
+        state = nnx.state(model, nnx.Param)
+        nnx.replace_by_pure_dict(state, restored)
+        nnx.update(model, state)
+        return model
+    if os.path.exists(os.path.join(path, TORCH_WEIGHTS)):
+        from safetensors.numpy import load_file
+
+        from convert.torch_jax import load_state_dict
+
+        load_state_dict(model, load_file(os.path.join(path, TORCH_WEIGHTS)))
+        return _place(model, mesh)
+    raise FileNotFoundError(f"{path}: neither {PARAMS_DIR}/ (orbax) nor {TORCH_WEIGHTS}")
+
+
+def from_dsvc(path: str, config: ModelConfig, mesh=None) -> VisualChat:
+    """A reference checkpoint (`pytorch_model.bin`, or a directory holding one), loaded strictly."""
+    from convert.torch_jax import load_state_dict, read_torch_bin
+
+    if os.path.isdir(path):
+        path = os.path.join(path, DSVC_WEIGHTS)
+    model = VisualChat(config, nnx.Rngs(0))
+    load_state_dict(model, read_torch_bin(path))
+    return _place(model, mesh)
+
+
+def _place(model: VisualChat, mesh) -> VisualChat:
+    if mesh is None:
+        return model
+    from .sharding import shard_model
+
+    return shard_model(model, mesh)
