@@ -94,13 +94,17 @@ def commit_dir(tmp: str, final: str) -> None:
         os.rename(tmp, final)
 
 
-def save_pretrained(model: VisualChat, path: str, trainable_only: bool = False, extra_files: dict | None = None) -> None:
-    """Write `config.json` + `model.safetensors` (all tensors, or only the trainable ones)."""
+def save_pretrained(model: VisualChat, path: str, trainable_only: bool = False, extra_files: dict | None = None,
+                    state_dict: dict | None = None) -> None:
+    """Write `config.json` + `model.safetensors` (all tensors, or only the trainable ones). A given
+    `state_dict` (e.g. gathered from ZeRO-3, LoRA merged) is written as it is instead of the model's."""
     tmp = atomic_dir(path)
     try:
         model.config.save(os.path.join(tmp, CONFIG_NAME))
-        names = {n for n, p in model.named_parameters() if p.requires_grad} if trainable_only else None
-        sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if names is None or k in names}
+        if state_dict is None:
+            names = {n for n, p in model.named_parameters() if p.requires_grad} if trainable_only else None
+            state_dict = {k: v for k, v in model.state_dict().items() if names is None or k in names}
+        sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
         save_file(sd, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt", "trainable_only": str(trainable_only)})
         for name, text in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w") as f:

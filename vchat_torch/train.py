@@ -5,7 +5,7 @@
         --per_device_train_batch_size 8 --num_train_epochs 1 --output_dir runs/tiny
     # two processes, ZeRO-3
     torchrun --nproc_per_node 2 -m vchat_torch.train --zero_stage 3 ... (same flags)
-    deepspeed --num_gpus 8 -m vchat_torch.train ... (on a GPU machine)
+    deepspeed --num_gpus 8 --module vchat_torch.train ... (on a GPU machine; see configs/run_7b.sh)
 
 What it keeps from the reference: the flags and defaults, AdamW with betas (0.9, 0.95) and eps 1e-6
 over four parameter groups, transformers' schedulers with warmup as a ratio or a count, gradient
@@ -82,25 +82,32 @@ def build_model(args) -> VisualChat:
         if name.endswith("pos_embed"):  # sin-cos tables stay fixed (B15)
             p.requires_grad_(False)
     if args.gradient_checkpointing:
-        model.lang_decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.lang_decoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.vis_encoder.gradient_checkpointing_enable()
     if args.lang_lora_dim > 0 or args.vis_lora_dim > 0:
         from .lora import add_lora
 
         add_lora(model, args)
+    elif args.only_optimize_lora:
+        raise SystemExit("--only_optimize_lora needs --lang_lora_dim or --vis_lora_dim > 0")
     return model
 
 
-def param_groups(model: torch.nn.Module, lr: float, lr_small: float, weight_decay: float) -> list[dict]:
-    """The reference's four groups: {decay, no decay} x {other, name contains "embed" (lr_small)}."""
+def param_groups(model: torch.nn.Module, lr: float, lr_small: float, weight_decay: float,
+                 lr_vision: float = 0.0) -> list[dict]:
+    """The reference's four groups: {decay, no decay} x {other, name contains "embed" (lr_small)};
+    with `lr_vision`, the vision tower's parameters get that rate in groups of their own."""
     lr_small = lr_small or lr
-    groups = [[], [], [], []]
+    groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            no_decay = "bias" in name or "LayerNorm.weight" in name
-            groups[2 * ("embed" in name) + no_decay].append(p)
-    spec = [(weight_decay, lr), (0.0, lr), (weight_decay, lr_small), (0.0, lr_small)]
-    return [{"params": g, "weight_decay": wd, "lr": lr_} for g, (wd, lr_) in zip(groups, spec) if g]
+        if not p.requires_grad:
+            continue
+        no_decay = "bias" in name or "LayerNorm.weight" in name
+        rate = lr_small if "embed" in name else lr
+        if lr_vision and name.startswith("vis_encoder."):
+            rate = lr_vision
+        groups.setdefault((0.0 if no_decay else weight_decay, rate, no_decay), []).append(p)
+    return [{"params": g, "weight_decay": wd, "lr": rate} for (wd, rate, _), g in groups.items()]
 
 
 def build_data(args, cfg: ModelConfig, rank: int):
@@ -170,6 +177,39 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def full_state_dict(model: torch.nn.Module, zero3: bool, rank: int) -> dict | None:
+    """`model.state_dict()` with ZeRO-3 parameters gathered one module at a time onto rank 0's CPU
+    (None on the other ranks; under ZeRO-3 every rank must call it)."""
+    if not zero3:
+        return {k: v.detach() for k, v in model.state_dict().items()} if rank == 0 else None
+    import deepspeed
+
+    copies = {}
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(own, modifier_rank=None):
+            if rank == 0:
+                copies.update((id(p), p.detach().to("cpu", copy=True)) for p in own)
+    if rank != 0:
+        return None
+    return {k: copies[id(v)] if isinstance(v, torch.nn.Parameter) else v.detach().cpu()
+            for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def export_state_dict(model: torch.nn.Module, zero3: bool, rank: int, trainable_only: bool = False) -> dict | None:
+    """What `Trainer.export` writes: the full (or trainable-only) state dict with LoRA merged."""
+    from .lora import base_name, merged_state_dict
+
+    sd = full_state_dict(model, zero3, rank)
+    if sd is None:
+        return None
+    sd, folded = merged_state_dict(model, sd)
+    if trainable_only:
+        keep = {base_name(n) for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n} | folded
+        sd = {k: v for k, v in sd.items() if k in keep}
+    return sd
+
+
 # -- the run ----------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, args, rank: int, world: int):
@@ -196,7 +236,8 @@ class Trainer:
         self.total_steps = min(total, args.max_steps) if args.max_steps else total
         warmup = args.num_warmup_steps
         warmup = int(warmup * self.total_steps) if warmup <= 1 else int(warmup)
-        groups = param_groups(model, args.learning_rate, args.learning_rate_pretraining_components, args.weight_decay)
+        groups = param_groups(model, args.learning_rate, args.learning_rate_pretraining_components, args.weight_decay,
+                              args.vision_learning_rate)
         if args.offload:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -224,9 +265,10 @@ class Trainer:
 
             self.writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log(f"[train] {world} process(es), ZeRO-{args.zero_stage}, {args.precision}, {n_train:,} trainable parameters "
-            f"({', '.join(args.trainable)}); {len(self.train_data)} train / {len(self.eval_data)} eval samples; "
-            f"{self.steps_per_epoch} steps per epoch, {self.total_steps} in all", rank)
+        log(f"[train] {world} process(es), ZeRO-{cfg['zero_optimization']['stage']}, {args.precision}, "
+            f"{n_train:,} trainable parameters ({', '.join(args.trainable)}); {len(self.train_data)} train / "
+            f"{len(self.eval_data)} eval samples; {self.steps_per_epoch} steps per epoch, {self.total_steps} in all",
+            rank)
 
     # -- checkpoints ---------------------------------------------------------------------------------
     @property
@@ -253,17 +295,14 @@ class Trainer:
             "into the epoch", self.rank)
 
     def export(self, name: str) -> None:
-        """vchat checkpoint `output_dir/<name>` (ZeRO-3 parameters gathered first)."""
-        import deepspeed
-
-        model = self.engine.module
-        params = list(model.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.args.zero_stage == 3):
-            if self.rank == 0:
-                save_pretrained(model, os.path.join(self.args.output_dir, name),
-                                trainable_only=self.args.save_trainable_only,
-                                extra_files={"tokenizer.json": self.tokenizer_json})
+        """vchat checkpoint `output_dir/<name>`: LoRA adapters folded into the base weights under the
+        reference's key names (it loads into a plain VisualChat); the live model is left as it is."""
+        zero3 = self.ds_config["zero_optimization"]["stage"] == 3  # the flag's or the --deepspeed_config's
+        sd = export_state_dict(self.engine.module, zero3, self.rank, self.args.save_trainable_only)
         if self.rank == 0:
+            save_pretrained(self.engine.module, os.path.join(self.args.output_dir, name),
+                            trainable_only=self.args.save_trainable_only, state_dict=sd,
+                            extra_files={"tokenizer.json": self.tokenizer_json})
             log(f"[ckpt] {name}/ written", self.rank)
 
     # -- loops ---------------------------------------------------------------------------------------

@@ -61,6 +61,9 @@ def build_parser(prog: str = "vchat train") -> argparse.ArgumentParser:
     r.add_argument("--vis_lora_module_name", default="encoder.layers.")
     r.add_argument("--only_optimize_lora", action="store_true")
 
+    r.add_argument("--deepspeed", action="store_true",
+                   help="accepted for the reference's scripts (DeepSpeed's own flag); vchat always trains with DeepSpeed")
+
     v = ap.add_argument_group("vchat's additions")
     v.add_argument("--offload", action="store_true", help="ZeRO offload of the optimizer (and parameters at stage 3)")
     v.add_argument("--deepspeed_config", default=None, help="a DeepSpeed JSON; its entries win over the flags")
@@ -71,9 +74,12 @@ def build_parser(prog: str = "vchat train") -> argparse.ArgumentParser:
     v.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside the data, or the synthetic one)")
     v.add_argument("--trainable", default="lang_embed,projection",
                    help=f"comma list of parts to train, from {','.join(TRAINABLE_PARTS)}")
+    v.add_argument("--vision_learning_rate", type=float, default=0.0,
+                   help="learning rate of the vision tower when it is trainable (0: --learning_rate)")
     v.add_argument("--synthetic_samples", type=int, default=2000, help="size of the built-in synthetic dataset")
     v.add_argument("--save_trainable_only", action="store_true", help="final/best checkpoints hold trainable tensors")
-    v.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank, scaling 1)")
+    v.add_argument("--lora_alpha", type=float, default=None,
+                   help="LoRA alpha (default 1: scaling 1/r, as the reference)")
     v.add_argument("--lora_dropout", type=float, default=0.0)
     v.add_argument("--stop_after_steps", type=int, default=0,
                    help="end this run after N steps, schedule unchanged (resume later with the same command)")

@@ -157,7 +157,7 @@ class CLIPTower(nn.Module):
         self.vision_model = CLIPVisionModel(clip_config(cfg))
 
     def gradient_checkpointing_enable(self, **kw):
-        self.vision_model.gradient_checkpointing_enable(**kw)
+        self.vision_model.activation_checkpointing_enable(**kw)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, 1 + patches, C): last_hidden_state, before post_layernorm."""

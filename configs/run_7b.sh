@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# DeepSpeed-VisualChat's training/training_scripts/run_7b.sh for vchat: LLaMA-2 7B + CLIP ViT-L/14,
+# the reference's flags and values (6 epochs, ZeRO-3, lr 1e-3 with 10% warmup, MMCA, 9 datasets).
+#
+#   bash configs/run_7b.sh                                  # 8 GPUs, defaults below
+#   LLM=ckpt/llama2-7b-clip NUM_GPUS=4 bash configs/run_7b.sh --max_steps 100   # extra flags go last
+#
+# Nothing is downloaded. --lm_model_name_or_path takes a vchat checkpoint directory (config.json +
+# model.safetensors + tokenizer.json, e.g. made with `vchat convert` from Llama-2-7b-hf and
+# openai/clip-vit-large-patch14) or a preset name from vchat/config.py (llama2-7b-clip-l14: the right
+# geometry with random weights). The vision tower comes with it; --vision_model_name_or_path is kept
+# only because the reference's recipe passes it.
+# Differences from the reference's script: LLM is a loadable checkpoint (the reference names the non-HF
+# repo meta-llama/Llama-2-7b), a tokenizer.json is passed (vchat does not read the Hub), the run stays
+# in the foreground, and DS_CONFIG may name one of configs/ds_*.json (e.g. ds_zero3_offload.json).
+# The global batch is NUM_GPUS x 1 x 1 (the reference's comment says 128; its settings give #GPUs).
+set -euo pipefail
+
+LLM=${LLM:-llama2-7b-clip-l14}
+VISION_MODEL=${VISION_MODEL:-openai/clip-vit-large-patch14}
+TOKENIZER=${TOKENIZER:-${LLM}/tokenizer.json}  # with a preset name, point this at a Llama-2 tokenizer.json
+DATA_PATH=${DATA_PATH:-./data}
+NUM_GPUS=${NUM_GPUS:-8}
+DS_CONFIG=${DS_CONFIG:-}
+
+EPOCH=6
+ZERO_STAGE=3
+lr=1e-3
+
+DATA="llava llava_dial otter_mimicit_cgd otter_mimicit_sd otter_mimicit_sn otter_mimicit_tvc otter_mimicit_vst llava_otter_blend sparkles_dialogue"
+DATA_SAMPLE="all"
+IMAGE_PER_SAMPLE="3 2 1 1 1 1 1 1 1"
+
+DATA_CONCATE="${DATA// /_}"
+DATA_SAMPLE_CONCATE="${DATA_SAMPLE// /_}"
+IMAGE_CONCATE="${IMAGE_PER_SAMPLE// /_}"
+OUTPUT=${OUTPUT:-./output/Epoch${EPOCH}_LR${lr}_data_${DATA_CONCATE}_${DATA_SAMPLE_CONCATE}_${IMAGE_CONCATE}}
+mkdir -p "$OUTPUT"
+
+deepspeed --num_gpus "$NUM_GPUS" --module vchat_torch.train --max_seq_len 4096 \
+    --data_path "$DATA_PATH" --dataset_names $DATA --dataset_samples $DATA_SAMPLE \
+    --dataset_concatenate_samples $IMAGE_PER_SAMPLE --max_num_image_per_sample 8 \
+    --lm_model_name_or_path "$LLM" \
+    --vision_model_name_or_path "$VISION_MODEL" \
+    --tokenizer "$TOKENIZER" \
+    --gradient_checkpointing --vis_proj baseline \
+    --gradient_accumulation_steps 1 --zero_stage $ZERO_STAGE --learning_rate $lr --num_warmup_steps 0.1 \
+    --per_device_train_batch_size 1 --per_device_eval_batch_size 2 --output_dir "$OUTPUT" \
+    --num_train_epochs $EPOCH --enable_mmca_attention \
+    --enable_tensorboard \
+    ${DS_CONFIG:+--deepspeed_config "$DS_CONFIG"} "$@" 2>&1 | tee "$OUTPUT/training.log"
