@@ -16,6 +16,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "check-logits": ("vchat.check_logits", "compare a checkpoint's logits, loss and greedy tokens with golden outputs"),
     "train": ("vchat_torch.train", "train with DeepSpeed (the reference's flags)"),
+    "train-jax": ("vchat_jax.cli", "train with JAX: jax.jit over a device mesh, optax AdamW, orbax checkpoints"),
     "demo": ("vchat.demo", "the main job on built-in defaults"),
 }
 
