@@ -243,7 +243,8 @@ PRESETS: dict[str, ModelConfig] = {
     # The geometry of the goldens: 96 ids, CLIP 32px/8, LLaMA hidden 128.
     "tiny": ModelConfig(llm=LLMConfig(max_position_embeddings=1024)),
     # The main job's model (`make demo`): small enough to train on two CPU cores in minutes.
-    "demo": ModelConfig(vision=VisionConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
+    # 48 px images with 16 px patches: one patch per cell of the synthetic shapes' 3x3 grid.
+    "demo": ModelConfig(vision=VisionConfig(image_size=48, patch_size=16, hidden_size=64, intermediate_size=128,
                                             num_hidden_layers=2, num_attention_heads=4),
                         llm=LLMConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024),
