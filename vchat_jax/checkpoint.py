@@ -13,13 +13,12 @@ Nothing here imports torch: safetensors files are read with safetensors.numpy an
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import jax
 from flax import nnx
 
 from vchat.config import ModelConfig
+from vchat.io import writing_dir
 
 from .model import VisualChat
 
@@ -36,22 +35,11 @@ def save_pretrained(model: VisualChat, path: str) -> None:
 
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp", dir=os.path.dirname(path))
-    try:
+    with writing_dir(path) as tmp:
         model.config.save(os.path.join(tmp, CONFIG_NAME))
         ckpt = ocp.StandardCheckpointer()
         ckpt.save(os.path.join(tmp, PARAMS_DIR), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         ckpt.wait_until_finished()
-        if os.path.exists(path):
-            old = f"{path}.old{os.getpid()}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _abstract(config: ModelConfig, mesh=None) -> dict:

@@ -25,6 +25,8 @@ import os
 import sys
 import time
 
+from vchat.data.pipeline import build_training_data
+
 DATASET_HELP = "reference dataset names, or `synthetic` (the built-in multi-image shapes data)"
 
 
@@ -99,37 +101,6 @@ def build_model(args, mesh):
     return VisualChat(cfg, nnx.Rngs(args.seed))
 
 
-def build_data(args, cfg):
-    """(train, eval) EncodedDatasets and the tokenizer JSON, as `vchat train` builds them."""
-    from vchat.data import (Budget, EncodedDataset, ImageProcessor, SyntheticDataset, TextTokenizer, build_mixture,
-                            build_synthetic_tokenizer, split_train_eval, synthetic_text_tokenizer)
-
-    synthetic = args.dataset_names == ["synthetic"]
-    if synthetic and not os.path.exists(os.path.join(args.data_path, "synthetic")):
-        source = SyntheticDataset(args.synthetic_samples, seed=args.seed, image_size=cfg.vision.image_size)
-    else:
-        source = build_mixture(args.data_path, args.dataset_names, args.dataset_samples,
-                               args.dataset_concatenate_samples, args.max_num_image_per_sample, seed=args.seed,
-                               verbose=not args.quiet)
-    if len(source) == 0:
-        raise SystemExit(f"the datasets {args.dataset_names} under {args.data_path} hold no sample")
-    train, evaluate = split_train_eval(source, args.data_train_split_ratio, seed=args.seed)
-    if args.tokenizer:
-        tok = TextTokenizer.from_file(args.tokenizer)
-        with open(args.tokenizer) as f:
-            tok_json = f.read()
-    elif synthetic:
-        tok, tok_json = synthetic_text_tokenizer(), build_synthetic_tokenizer().to_str()
-    else:
-        raise SystemExit("--tokenizer is required (a tokenizer.json with the reference's special tokens)")
-    if tok.image_id != cfg.image_token_id or tok.pad_id != cfg.pad_token_id:
-        raise SystemExit(f"tokenizer ids (<image> {tok.image_id}, pad {tok.pad_id}) differ from the model's "
-                         f"(<image> {cfg.image_token_id}, pad {cfg.pad_token_id})")
-    budget = Budget(args.max_seq_len, cfg.image_tokens, args.max_num_image_per_sample)
-    proc = ImageProcessor.for_vision(cfg.vision)
-    return EncodedDataset(train, tok, proc, budget), EncodedDataset(evaluate, tok, proc, budget), tok_json
-
-
 def epoch_batches(data, batch_size: int, seed: int, epoch: int, skip: int = 0):
     """This process's batches of one epoch (drop_last), the first `skip` not built."""
     import jax
@@ -177,7 +148,7 @@ def main(argv=None, prog: str = "vchat train-jax") -> int:
 
     model = build_model(args, mesh)
     cfg = model.config
-    train_data, eval_data, tok_json = build_data(args, cfg)
+    train_data, eval_data, tok_json = build_training_data(args, cfg, verbose=not args.quiet)
     steps_per_epoch = len(train_data) // global_batch
     if steps_per_epoch < 1:
         raise SystemExit(f"{prog}: {len(train_data)} training samples make no batch of {global_batch} "

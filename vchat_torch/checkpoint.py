@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from vchat.config import ModelConfig
+from vchat.io import atomic_dir, commit_dir, writing_dir  # noqa: F401 (re-exported)
 
 from .model import VisualChat
 
@@ -77,29 +76,11 @@ def from_dsvc(path: str, config: ModelConfig) -> VisualChat:
     return model.eval()
 
 
-def atomic_dir(final: str):
-    """A temporary sibling of `final`; `commit(tmp)` renames it into place (replacing `final`)."""
-    parent = os.path.dirname(os.path.abspath(final)) or "."
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp", dir=parent)
-
-
-def commit_dir(tmp: str, final: str) -> None:
-    if os.path.exists(final):
-        old = f"{final}.old{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
-
-
 def save_pretrained(model: VisualChat, path: str, trainable_only: bool = False, extra_files: dict | None = None,
                     state_dict: dict | None = None) -> None:
     """Write `config.json` + `model.safetensors` (all tensors, or only the trainable ones). A given
     `state_dict` (e.g. gathered from ZeRO-3, LoRA merged) is written as it is instead of the model's."""
-    tmp = atomic_dir(path)
-    try:
+    with writing_dir(path) as tmp:
         model.config.save(os.path.join(tmp, CONFIG_NAME))
         if state_dict is None:
             names = {n for n, p in model.named_parameters() if p.requires_grad} if trainable_only else None
@@ -109,10 +90,6 @@ def save_pretrained(model: VisualChat, path: str, trainable_only: bool = False, 
         for name, text in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w") as f:
                 f.write(text)
-        commit_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def from_pretrained(path: str, base: str | None = None, compat: str | None = None) -> VisualChat:

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from vchat.config import ModelConfig, ProjectionConfig, preset
-from vchat.data import (Budget, EncodedDataset, ImageProcessor, SyntheticDataset, TextTokenizer, build_mixture,
-                        build_synthetic_tokenizer, iterate_batches, split_train_eval, synthetic_text_tokenizer)
+from vchat.data import EncodedDataset, iterate_batches
+from vchat.data.pipeline import build_training_data
 
 from .checkpoint import CONFIG_NAME, from_pretrained, save_pretrained
 from .model import VisualChat
@@ -108,33 +108,6 @@ def param_groups(model: torch.nn.Module, lr: float, lr_small: float, weight_deca
             rate = lr_vision
         groups.setdefault((0.0 if no_decay else weight_decay, rate, no_decay), []).append(p)
     return [{"params": g, "weight_decay": wd, "lr": rate} for (wd, rate, _), g in groups.items()]
-
-
-def build_data(args, cfg: ModelConfig, rank: int):
-    if args.dataset_names == ["synthetic"] and not os.path.exists(os.path.join(args.data_path, "synthetic")):
-        source = SyntheticDataset(args.synthetic_samples, seed=args.seed, image_size=cfg.vision.image_size)
-        log(f"[data] synthetic: {len(source)} samples generated from seed {args.seed}", rank)
-    else:
-        source = build_mixture(args.data_path, args.dataset_names, args.dataset_samples,
-                               args.dataset_concatenate_samples, args.max_num_image_per_sample, seed=args.seed,
-                               verbose=rank == 0)
-    if len(source) == 0:
-        raise SystemExit(f"the datasets {args.dataset_names} under {args.data_path} hold no sample")
-    train, evaluate = split_train_eval(source, args.data_train_split_ratio, seed=args.seed)
-    if args.tokenizer:
-        tok = TextTokenizer.from_file(args.tokenizer)
-        with open(args.tokenizer) as f:
-            tok_json = f.read()
-    elif args.dataset_names == ["synthetic"]:
-        tok, tok_json = synthetic_text_tokenizer(), build_synthetic_tokenizer().to_str()
-    else:
-        raise SystemExit("--tokenizer is required (a tokenizer.json with the reference's special tokens)")
-    if tok.image_id != cfg.image_token_id or tok.pad_id != cfg.pad_token_id:
-        raise SystemExit(f"tokenizer ids (<image> {tok.image_id}, pad {tok.pad_id}) differ from the model's "
-                         f"(<image> {cfg.image_token_id}, pad {cfg.pad_token_id})")
-    budget = Budget(args.max_seq_len, cfg.image_tokens, args.max_num_image_per_sample)
-    proc = ImageProcessor.for_vision(cfg.vision)
-    return EncodedDataset(train, tok, proc, budget), EncodedDataset(evaluate, tok, proc, budget), tok_json
 
 
 def fixed_batches(data: EncodedDataset, n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int,
@@ -224,7 +197,7 @@ class Trainer:
             raise SystemExit("--precision fp16 needs a GPU (DeepSpeed's CPU backend has no fp16); use bf16 or fp32")
         model = build_model(args)
         self.config = model.config
-        self.train_data, self.eval_data, self.tokenizer_json = build_data(args, self.config, rank)
+        self.train_data, self.eval_data, self.tokenizer_json = build_training_data(args, self.config, rank == 0)
         micro, gas = args.per_device_train_batch_size, args.gradient_accumulation_steps
         self.micro_per_epoch = len(self.train_data) // (world * micro)
         if self.micro_per_epoch < gas:

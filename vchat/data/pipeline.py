@@ -118,3 +118,41 @@ def dump_samples(source, directory: str, n: int = 10, numbering: str = "text") -
             open_image(im, s.origin).save(path)
             written.append(path)
     return written
+
+
+def build_training_data(args, cfg, verbose: bool = True) -> tuple[EncodedDataset, EncodedDataset, str]:
+    """(train, eval) datasets and the tokenizer's JSON from the trainers' flags (`vchat train` and
+    `vchat train-jax` share them): data_path, dataset_names, dataset_samples,
+    dataset_concatenate_samples, max_num_image_per_sample, data_train_split_ratio, max_seq_len, seed,
+    synthetic_samples, tokenizer. `synthetic` alone, not on disk under data_path, is generated."""
+    import os
+
+    from vchat.data.mix import build_mixture, split_train_eval
+    from vchat.data.synthetic import SyntheticDataset, build_synthetic_tokenizer, synthetic_text_tokenizer
+
+    synthetic = list(args.dataset_names) == ["synthetic"]
+    if synthetic and not os.path.exists(os.path.join(args.data_path, "synthetic")):
+        source = SyntheticDataset(args.synthetic_samples, seed=args.seed, image_size=cfg.vision.image_size)
+        if verbose:
+            print(f"[data] synthetic: {len(source)} samples generated from seed {args.seed}", flush=True)
+    else:
+        source = build_mixture(args.data_path, args.dataset_names, args.dataset_samples,
+                               args.dataset_concatenate_samples, args.max_num_image_per_sample, seed=args.seed,
+                               verbose=verbose)
+    if len(source) == 0:
+        raise SystemExit(f"the datasets {args.dataset_names} under {args.data_path} hold no sample")
+    train, evaluate = split_train_eval(source, args.data_train_split_ratio, seed=args.seed)
+    if args.tokenizer:
+        tok = TextTokenizer.from_file(args.tokenizer)
+        with open(args.tokenizer) as f:
+            tok_json = f.read()
+    elif synthetic:
+        tok, tok_json = synthetic_text_tokenizer(), build_synthetic_tokenizer().to_str()
+    else:
+        raise SystemExit("--tokenizer is required (a tokenizer.json with the reference's special tokens)")
+    if tok.image_id != cfg.image_token_id or tok.pad_id != cfg.pad_token_id:
+        raise SystemExit(f"tokenizer ids (<image> {tok.image_id}, pad {tok.pad_id}) differ from the model's "
+                         f"(<image> {cfg.image_token_id}, pad {cfg.pad_token_id})")
+    budget = Budget(args.max_seq_len, cfg.image_tokens, args.max_num_image_per_sample)
+    proc = ImageProcessor.for_vision(cfg.vision)
+    return EncodedDataset(train, tok, proc, budget), EncodedDataset(evaluate, tok, proc, budget), tok_json
