@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check-logits": ("vchat.check_logits", "compare a checkpoint's logits, loss and greedy tokens with golden outputs"),
     "train": ("vchat_torch.train", "train with DeepSpeed (the reference's flags)"),
     "train-jax": ("vchat_jax.cli", "train with JAX: jax.jit over a device mesh, optax AdamW, orbax checkpoints"),
+    "convert": ("convert.cli", "convert checkpoints: reference pytorch_model.bin, vchat torch and JAX directories"),
     "demo": ("vchat.demo", "the main job on built-in defaults"),
 }
 

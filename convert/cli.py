@@ -1,0 +1,167 @@
+"""`vchat convert`: checkpoints between the reference (DeepSpeed-VisualChat), vchat_torch and vchat_jax.
+
+    # a reference pytorch_model.bin (geometry from a golden-style meta.json, or a preset / config JSON)
+    vchat convert --from dsvc --to jax tests/golden/qwen-mmca out/qwen-jax        # meta.json found beside it
+    vchat convert --from dsvc --to torch ckpt/pytorch_model.bin out/torch --config llama2-13b-qwen
+    vchat convert --from dsvc --to torch ckpt/ out/torch --meta ckpt/meta.json --compat fixed
+    # vchat directories, both ways
+    vchat convert --from torch --to jax out/torch out/jax
+    vchat convert --from jax --to torch out/jax out/torch-again --overwrite
+
+Formats: `dsvc` is a reference `pytorch_model.bin` (or the directory holding it), which stores no
+geometry: pass `--meta` (tests/golden/README.md's layout; a meta.json beside SRC is used when neither
+option is given) or `--config` (a preset name or a vchat config.json). `torch` is a vchat_torch
+directory (config.json + model.safetensors), `jax` a vchat_jax directory (config.json + params/, orbax).
+`--compat` sets the compat mode written to DST (default: "dsvc" for a reference checkpoint, otherwise
+SRC's own).
+
+Every conversion goes through convert/param_map.py's table and is strict: each source tensor is used
+once, each target produced once, shapes are checked per key, and the error names any key that does not
+fit. DST is written atomically (a temporary sibling renamed into place at the end), so a failed
+conversion leaves nothing behind; an existing DST is replaced only with `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from vchat.config import COMPAT_MODES, ModelConfig, preset
+
+SOURCES = ("dsvc", "torch", "jax")
+TARGETS = ("torch", "jax")
+META_NAME = "meta.json"
+DSVC_WEIGHTS = "pytorch_model.bin"
+
+
+class ConvertError(ValueError):
+    pass
+
+
+def dsvc_config(src: str, config: str | None, meta: str | None, compat: str | None) -> tuple[ModelConfig, str]:
+    """The geometry of a reference checkpoint, and where it came from."""
+    compat = compat or "dsvc"
+    if config and meta:
+        raise ConvertError("give --config or --meta, not both")
+    if config:
+        return preset(config).replace(compat=compat), f"--config {config}"
+    if meta is None:
+        beside = os.path.join(src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src)), META_NAME)
+        if not os.path.exists(beside):
+            raise ConvertError(f"a reference checkpoint stores no geometry: pass --meta META_JSON or --config "
+                               f"PRESET_OR_JSON (no {META_NAME} beside {src})")
+        meta = beside
+    with open(meta) as f:
+        try:
+            return ModelConfig.from_dsvc_meta(json.load(f), compat=compat), meta
+        except KeyError as e:
+            raise ConvertError(f"{meta}: no key {e} (expected the layout of tests/golden/README.md)") from None
+
+
+def load_torch(fmt: str, src: str, config: ModelConfig | None, compat: str | None):
+    """A vchat_torch.VisualChat from any source format, loaded strictly."""
+    from vchat_torch import checkpoint as tc
+
+    if fmt == "dsvc":
+        return tc.from_dsvc(src, config)
+    if fmt == "torch":
+        return tc.from_pretrained(src, compat=compat)
+    import torch
+
+    from convert.torch_jax import to_state_dict
+    from vchat_torch.model import VisualChat
+
+    jax_model = load_jax("jax", src, None, compat)
+    model = VisualChat(jax_model.config)
+    sd = {k: torch.tensor(v) for k, v in to_state_dict(jax_model).items()}  # copies: JAX arrays are read-only
+    tc.load_state_dict_strict(model, sd, source=src)
+    return model.eval()
+
+
+def load_jax(fmt: str, src: str, config: ModelConfig | None, compat: str | None):
+    """A vchat_jax.VisualChat from any source format, loaded strictly (no torch needed)."""
+    from vchat_jax import checkpoint as jc
+
+    if fmt == "dsvc":
+        return jc.from_dsvc(src, config)
+    if fmt == "torch" and not os.path.exists(os.path.join(src, jc.TORCH_WEIGHTS)):
+        raise ConvertError(f"{src}: no {jc.TORCH_WEIGHTS}; is this a vchat_torch directory?")
+    if fmt == "jax" and not os.path.isdir(os.path.join(src, jc.PARAMS_DIR)):
+        raise ConvertError(f"{src}: no {jc.PARAMS_DIR}/; is this a vchat_jax (orbax) directory?")
+    return jc.from_pretrained(src, compat=compat)
+
+
+def count_tensors(model, framework: str) -> int:
+    if framework == "torch":
+        return len(model.state_dict())
+    from flax import nnx
+
+    return len(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+
+def convert(src: str, dst: str, src_format: str, dst_format: str, config: str | None = None,
+            meta: str | None = None, compat: str | None = None, overwrite: bool = False, log=print) -> None:
+    """Convert SRC (format `src_format`) into a vchat directory DST (`dst_format`). Raises on any mismatch;
+    DST appears only when the whole conversion has succeeded."""
+    if src_format not in SOURCES or dst_format not in TARGETS:
+        raise ConvertError(f"--from must be one of {SOURCES} and --to one of {TARGETS}")
+    if not os.path.exists(src):
+        raise ConvertError(f"{src}: no such file or directory")
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise ConvertError("SRC and DST are the same path")
+    if os.path.exists(dst) and not overwrite:
+        raise ConvertError(f"{dst} exists; pass --overwrite to replace it")
+    if src_format != "dsvc" and (config or meta):
+        raise ConvertError(f"--config/--meta describe a reference checkpoint; a {src_format} directory has its "
+                           f"own config.json")
+    t0 = time.perf_counter()
+    cfg = None
+    if src_format == "dsvc":
+        cfg, origin = dsvc_config(src, config, meta, compat)
+        path = os.path.join(src, DSVC_WEIGHTS) if os.path.isdir(src) else src
+        log(f"reading {path} (reference checkpoint; geometry from {origin}, compat {cfg.compat!r})")
+        src = path
+    else:
+        log(f"reading {src} (vchat {src_format} directory)")
+    model = (load_torch if dst_format == "torch" else load_jax)(src_format, src, cfg, compat)
+    n = count_tensors(model, dst_format)
+    c = model.config
+    log(f"loaded {n} tensors strictly: {c.vision.kind} tower, {c.projection.kind} projection, "
+        f"{c.llm.num_hidden_layers} decoder layers, heads {c.llm.num_attention_heads}/{c.llm.num_key_value_heads}, "
+        f"mmca {c.mmca}, compat {c.compat!r}")
+    log(f"writing {dst} ({dst_format}: {'model.safetensors' if dst_format == 'torch' else 'params/ (orbax)'})")
+    model.save_pretrained(dst)  # atomic: a temporary sibling renamed into place
+    log(f"done: {n} tensors in {time.perf_counter() - t0:.1f}s")
+
+
+def main(argv: list[str] | None = None, prog: str = "vchat convert") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="examples:\n" + __doc__.split("\n\n")[1])
+    ap.add_argument("--from", dest="src_format", choices=SOURCES, required=True, help="format of SRC")
+    ap.add_argument("--to", dest="dst_format", choices=TARGETS, required=True, help="format of DST")
+    ap.add_argument("src", metavar="SRC", help="a reference pytorch_model.bin (or its folder), or a vchat directory")
+    ap.add_argument("dst", metavar="DST", help="the vchat directory to write")
+    ap.add_argument("--config", default=None, metavar="PRESET_OR_JSON",
+                    help="geometry of a reference checkpoint: a preset name or a config.json")
+    ap.add_argument("--meta", default=None, metavar="META_JSON",
+                    help="geometry of a reference checkpoint: a golden-style meta.json")
+    ap.add_argument("--compat", choices=COMPAT_MODES, default=None,
+                    help="compat mode written to DST (default: dsvc for a reference checkpoint, else SRC's)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    args = ap.parse_args(argv)
+    try:
+        convert(args.src, args.dst, args.src_format, args.dst_format, config=args.config, meta=args.meta,
+                compat=args.compat, overwrite=args.overwrite)
+    except (ValueError, OSError) as e:  # strict-load errors name the offending keys
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: nothing written to {args.dst}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
