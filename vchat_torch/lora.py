@@ -88,7 +88,7 @@ def merged_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> tuple[di
     folded = set()
     for name, layer in lora_layers(model).items():
         if getattr(layer, "use_dora", {}) and any(layer.use_dora.values()):
-            raise NotImplementedError(f"{name}: DoRA adapters are not exported")
+            raise ValueError(f"{name}: DoRA adapters cannot be merged into the reference layout")
         w_key = f"{name}.base_layer.weight"
         w = out.pop(w_key)
         delta = torch.zeros(w.shape, dtype=torch.float32, device="cpu")

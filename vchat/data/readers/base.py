@@ -72,7 +72,7 @@ class Reader:
         return f"{self.name}[{index}]"
 
     def sample(self, index: int, rng: random.Random) -> Sample:
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define sample() (a reader subclass hook)")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

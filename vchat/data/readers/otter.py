@@ -72,7 +72,7 @@ class OtterReader(Reader):
         return entry["image_ids"]
 
     def _image(self, image_id: str, index: int):
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define _image() (a reader subclass hook)")
 
     def sample(self, index: int, rng: random.Random) -> Sample:
         a = self.items[index]
