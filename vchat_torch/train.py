@@ -411,10 +411,17 @@ def main(argv=None, prog: str = "vchat train") -> int:
     os.makedirs(args.output_dir, exist_ok=True)
     rank, world = init_distributed()
     try:
-        Trainer(args, rank, world).train(stop_after=args.stop_after_steps)
+        trainer = Trainer(args, rank, world)
+        trainer.train(stop_after=args.stop_after_steps)
     except DeepSpeedConfigError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
+    # Every rank leaves together and tears the process group down before the interpreter exits
+    # (gloo's threads otherwise race the exit: "terminate called without an active exception").
+    del trainer
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return 0
 
 
