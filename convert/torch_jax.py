@@ -16,17 +16,13 @@ import zipfile
 
 import numpy as np
 
+from vchat.io import list_names as _names
+
 from .param_map import expand, format_path
 
 
 class ConversionError(ValueError):
     pass
-
-
-def _names(keys, limit: int = 20) -> str:
-    keys = sorted(keys)
-    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
 
 
 def _model_params(model) -> dict[tuple, object]:

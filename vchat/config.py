@@ -213,6 +213,18 @@ class ModelConfig:
                    image_token_id=image_id, image_pretoken_id=image_id - 1)
 
 
+CONFIG_NAME = "config.json"
+
+
+def load_checkpoint_config(path: str, compat: str | None = None) -> ModelConfig:
+    """The `config.json` of a vchat checkpoint directory (torch or JAX), compat overridden if given."""
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; is this a vchat checkpoint directory?")
+    config = ModelConfig.load(cfg_path)
+    return config if compat is None else config.replace(compat=compat)
+
+
 def _build(cls, d: dict, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)

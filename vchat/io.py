@@ -30,6 +30,13 @@ def commit_dir(tmp: str, final: str) -> None:
         os.rename(tmp, final)
 
 
+def list_names(keys, limit: int = 20) -> str:
+    """Sorted names for an error message, at most `limit` of them."""
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
 @contextmanager
 def writing_dir(final: str):
     """`with writing_dir(path) as tmp:` write into tmp; committed on success, removed on error."""

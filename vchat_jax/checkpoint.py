@@ -17,12 +17,11 @@ import os
 import jax
 from flax import nnx
 
-from vchat.config import ModelConfig
+from vchat.config import CONFIG_NAME, ModelConfig, load_checkpoint_config
 from vchat.io import writing_dir
 
 from .model import VisualChat
 
-CONFIG_NAME = "config.json"
 PARAMS_DIR = "params"  # orbax
 TORCH_WEIGHTS = "model.safetensors"  # vchat_torch's save_pretrained
 DSVC_WEIGHTS = "pytorch_model.bin"  # the reference's training script
@@ -62,12 +61,7 @@ def _abstract(config: ModelConfig, mesh=None) -> dict:
 
 def from_pretrained(path: str, compat: str | None = None, mesh=None) -> VisualChat:
     """Load a vchat directory: orbax `params/` (vchat_jax) or `model.safetensors` (vchat_torch, full)."""
-    cfg_path = os.path.join(path, CONFIG_NAME)
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; is this a vchat checkpoint directory?")
-    config = ModelConfig.load(cfg_path)
-    if compat is not None:
-        config = config.replace(compat=compat)
+    config = load_checkpoint_config(path, compat)
     model = VisualChat(config, nnx.Rngs(0))
     if os.path.isdir(os.path.join(path, PARAMS_DIR)):
         import orbax.checkpoint as ocp

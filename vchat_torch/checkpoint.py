@@ -14,12 +14,12 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-from vchat.config import ModelConfig
-from vchat.io import atomic_dir, commit_dir, writing_dir  # noqa: F401 (re-exported)
+from vchat.config import CONFIG_NAME, ModelConfig, load_checkpoint_config
+from vchat.io import list_names as _names
+from vchat.io import writing_dir
 
 from .model import VisualChat
 
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 DSVC_WEIGHTS_NAME = "pytorch_model.bin"
 META_NAME = "vchat.json"
@@ -27,12 +27,6 @@ META_NAME = "vchat.json"
 
 class CheckpointError(ValueError):
     pass
-
-
-def _names(keys, limit: int = 20) -> str:
-    keys = sorted(keys)
-    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
 
 
 def check_state_dict(model: torch.nn.Module, sd: dict, source: str, partial: bool = False) -> None:
@@ -95,12 +89,7 @@ def save_pretrained(model: VisualChat, path: str, trainable_only: bool = False, 
 def from_pretrained(path: str, base: str | None = None, compat: str | None = None) -> VisualChat:
     """Load a vchat directory. A trainable-only checkpoint needs `base`, a full one to start from
     (a vchat directory or a reference checkpoint)."""
-    cfg_path = os.path.join(path, CONFIG_NAME)
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; is this a vchat checkpoint directory?")
-    config = ModelConfig.load(cfg_path)
-    if compat is not None:
-        config = config.replace(compat=compat)
+    config = load_checkpoint_config(path, compat)
     weights = os.path.join(path, WEIGHTS_NAME)
     sd = load_file(weights)
     with open(weights, "rb") as f:

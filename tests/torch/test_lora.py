@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vchat.config import LLMConfig, ModelConfig, VisionConfig, preset
+from vchat.config import preset
 from vchat_torch import VisualChat
 from vchat_torch.checkpoint import load_state_dict_strict, save_pretrained
 from vchat_torch.lora import lora_layers, merge_lora
 from vchat_torch.train import build_model, export_state_dict
-from vchat_torch.train_args import parse_args
+from torch_helpers import args_for, tiny_qwen_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
@@ -31,22 +31,6 @@ DECODER_LAYERS = {f"model.layers.{i}.{m}" for i in range(2) for m in (
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
 CLIP_LAYERS = {f"vision_model.encoder.layers.{i}.{m}" for i in range(2) for m in (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")}
-
-
-def args_for(*flags, model="tiny"):
-    return parse_args(["--lm_model_name_or_path", model, "--output_dir", "unused", "--precision", "fp32",
-                       "--enable_mmca_attention", *flags])
-
-
-def tiny_qwen_json(tmp_path):
-    cfg = ModelConfig(vision=VisionConfig(kind="qwen", image_size=32, patch_size=8, hidden_size=48,
-                                          intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                          layer_norm_eps=1e-6, hidden_act="gelu", output_dim=128, n_queries=4,
-                                          pos_embed_rows=16),
-                      llm=LLMConfig(max_position_embeddings=1024))
-    path = str(tmp_path / "qwen_tiny.json")
-    cfg.save(path)
-    return path
 
 
 def batch(seed=0):
