@@ -1,9 +1,11 @@
 """`vchat demo` (`make demo`): the main job, on built-in defaults, end to end on CPU.
 
-1. Generate the synthetic multi-image dataset (PIL shapes, 1-4 images over 1-3 rounds) and its
-   tokenizer into demo_out/data.
+1. Generate the synthetic multi-image dataset (PIL shapes, 1-4 images over 1-3 rounds; made in
+   memory from the seed, a preview and the tokenizer written to demo_out/data_preview).
 2. Measure held-out answer accuracy of an untrained VisualChat (exact match of the greedy answer).
-3. Train it with DeepSpeed (`vchat train`, ZeRO-0, fp32, MMCA, compat "fixed").
+3. Train it with DeepSpeed (`vchat train`, ZeRO-0, fp32, MMCA, compat "fixed") in stages of a
+   curriculum: conversations with one image, then up to two, then up to four (the reference's
+   `--max_num_image_per_sample`), each stage starting from the last one's checkpoint.
 4. Measure held-out accuracy again.
 5. Load the trained checkpoint in JAX (vchat_jax) and show both frameworks give the same logits
    and the same answers.
@@ -28,6 +30,31 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_GOLDENS = os.path.join(os.path.dirname(HERE), "tests", "golden")
+
+
+DEFAULT_CURRICULUM = "1:1200,2:1200,4:5000"
+
+
+def parse_curriculum(text: str) -> list[tuple[int, int]]:
+    """"1:1200,2:1200,4:5000" -> [(1, 1200), (2, 1200), (4, 5000)]: (max images a sample, steps)."""
+    stages = []
+    for part in text.split(","):
+        try:
+            m, n = (int(x) for x in part.split(":"))
+        except ValueError:
+            raise SystemExit(f"--curriculum: {part!r} is not MAX_IMAGES:STEPS (e.g. 1:1200,2:1200,4:5000)") from None
+        if not (1 <= m <= 4 and n >= 1):
+            raise SystemExit(f"--curriculum: {part!r} needs 1 <= MAX_IMAGES <= 4 and STEPS >= 1")
+        stages.append((m, n))
+    return stages
+
+
+def train_env() -> dict:
+    """The environment of a `vchat train` subprocess: this checkout first on the import path."""
+    env = dict(os.environ)
+    root = os.path.dirname(HERE)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
 
 
 def say(msg: str) -> None:
@@ -111,8 +138,9 @@ def jax_generate(model):
 def main(argv: list[str] | None = None, prog: str = "vchat demo") -> int:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="demo_out")
-    ap.add_argument("--samples", type=int, default=6000, help="synthetic samples (90%% train, 10%% held out)")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--samples", type=int, default=30000, help="synthetic samples (90%% train, 10%% held out)")
+    ap.add_argument("--curriculum", default=DEFAULT_CURRICULUM,
+                    help="training stages, MAX_IMAGES:STEPS comma-separated (default %(default)s)")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--learning_rate", type=float, default=1e-3)
     ap.add_argument("--eval_questions", type=int, default=400, help="held-out questions to score (0: all)")
@@ -131,19 +159,22 @@ def main(argv: list[str] | None = None, prog: str = "vchat demo") -> int:
 
     say("\n== 1. synthetic multi-image dataset ==")
     from vchat.config import preset
-    from vchat.data import ImageProcessor, TextTokenizer, make_reader, save_synthetic, split_train_eval
+    from vchat.data import (ImageProcessor, SyntheticDataset, TextTokenizer, build_synthetic_tokenizer, dump_samples,
+                            split_train_eval)
 
+    stages = parse_curriculum(args.curriculum)
     cfg = preset("demo")
-    data_root = os.path.join(out, "data")
-    folder = os.path.join(data_root, "synthetic")
-    if not os.path.exists(os.path.join(folder, "synthetic.json")):
-        save_synthetic(data_root, num_samples=args.samples, seed=args.seed, image_size=cfg.vision.image_size)
-    tok_path = os.path.join(folder, "tokenizer.json")
+    # `vchat train` makes the same samples from the same seed (`synthetic` not found under --data_path);
+    # the split below is the trainer's, so no held-out sample is ever trained on.
+    dataset = SyntheticDataset(args.samples, seed=args.seed, image_size=cfg.vision.image_size)
+    _, held_out = split_train_eval(dataset, 0.9, seed=args.seed)
+    preview = os.path.join(out, "data_preview")
+    dump_samples(held_out, preview, n=10)
+    tok_path = os.path.join(preview, "tokenizer.json")
+    build_synthetic_tokenizer().save(tok_path)
     tok = TextTokenizer.from_file(tok_path)
-    reader = make_reader("synthetic", data_root)
-    _, held_out = split_train_eval(reader, 0.9, seed=args.seed)
-    say(f"{len(reader)} samples in {folder} (PNG images + synthetic.json + tokenizer.json); "
-        f"{len(held_out)} held out")
+    say(f"{len(dataset)} samples made from seed {args.seed}, {len(held_out)} held out; 10 held-out samples "
+        f"(prompt text and PNGs) and tokenizer.json in {preview}")
     proc = ImageProcessor.for_vision(cfg.vision)
     qs = questions([held_out[i] for i in range(len(held_out))], tok, proc, cfg.image_tokens)
     if args.eval_questions:
@@ -161,27 +192,35 @@ def main(argv: list[str] | None = None, prog: str = "vchat demo") -> int:
     report["accuracy_before"] = before["accuracy"]
     say(f"accuracy before: {before['accuracy']:.3f} {before['by_kind']}")
 
-    say("\n== 3. training with DeepSpeed (vchat train) ==")
-    from vchat_torch import train as trainer
+    say("\n== 3. training with DeepSpeed (vchat train), a curriculum of " + str(len(stages)) + " stages ==")
+    import subprocess
 
-    run = os.path.join(out, "run")
-    train_args = ["--lm_model_name_or_path", "demo", "--data_path", data_root, "--dataset_names", "synthetic",
-                  "--tokenizer", tok_path, "--precision", "fp32", "--zero_stage", "0",
-                  "--per_device_train_batch_size", str(args.batch_size), "--num_train_epochs", str(args.epochs),
-                  "--learning_rate", str(args.learning_rate), "--num_warmup_steps", "0.05",
-                  "--enable_mmca_attention", "--compat", "fixed", "--trainable", "lang_embed,projection,lang_decoder",
-                  "--eval_every", "500", "--seed", str(args.seed), "--output_dir", run]
-    say("vchat train " + " ".join(train_args))
-    t_train = time.perf_counter()
-    if trainer.main(train_args) != 0:
-        say("training failed")
-        return 1
+    source, t_train, curves = "demo", time.perf_counter(), []
+    for k, (max_images, steps) in enumerate(stages, 1):
+        run = os.path.join(out, "run", f"stage{k}")
+        train_args = ["--lm_model_name_or_path", source, "--data_path", os.path.join(out, "generated"),
+                      "--dataset_names", "synthetic", "--synthetic_samples", str(args.samples),
+                      "--max_num_image_per_sample", str(max_images), "--tokenizer", tok_path,
+                      "--precision", "fp32", "--zero_stage", "0", "--per_device_train_batch_size", str(args.batch_size),
+                      "--per_device_eval_batch_size", "32", "--num_train_epochs", "100", "--max_steps", str(steps),
+                      "--learning_rate", str(args.learning_rate), "--num_warmup_steps", "0.05",
+                      "--enable_mmca_attention", "--compat", "fixed", "--trainable", "lang_embed,projection,lang_decoder",
+                      "--eval_every", "2000", "--seed", str(args.seed), "--output_dir", run]
+        say(f"-- stage {k}: conversations with up to {max_images} image(s), {steps} steps")
+        say("vchat train " + " ".join(train_args))
+        # one process per stage, as a user would run them (each sets up and tears down its process group)
+        if subprocess.run([sys.executable, "-m", "vchat.cli", "train", *train_args], env=train_env()).returncode:
+            say(f"training stage {k} failed")
+            return 1
+        source = os.path.join(run, "final")
+        curves.append(os.path.join(run, "loss_curve.png"))
     report["train_seconds"] = round(time.perf_counter() - t_train, 1)
+    report["curriculum"] = [{"max_images": m, "steps": n} for m, n in stages]
 
     say("\n== 4. accuracy after training ==")
     from vchat_torch.checkpoint import from_pretrained
 
-    model = from_pretrained(os.path.join(run, "final")).eval()
+    model = from_pretrained(source).eval()
     torch_answers = answer_all(torch_generate(model), qs, tok)
     after = accuracy(torch_answers, qs)
     report["accuracy_after"] = after["accuracy"]
@@ -191,7 +230,7 @@ def main(argv: list[str] | None = None, prog: str = "vchat demo") -> int:
     say("\n== 5. the same checkpoint in JAX ==")
     import vchat_jax
 
-    jmodel = vchat_jax.VisualChat.from_pretrained(os.path.join(run, "final"))
+    jmodel = vchat_jax.VisualChat.from_pretrained(source)
     batch = qs[:16]
     ids, mask = left_pad(batch, tok.pad_id)
     # right-pad for a teacher-forced forward: the same arrays in both frameworks
@@ -231,8 +270,9 @@ def main(argv: list[str] | None = None, prog: str = "vchat demo") -> int:
     report["accuracy_target"] = 0.9
     report["accuracy_target_met"] = report["accuracy_after"] >= 0.9
     report["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    report["loss_curve"] = os.path.join(run, "loss_curve.png")
-    report["checkpoint"] = os.path.join(run, "final")
+    report["loss_curve"] = curves[-1]
+    report["loss_curves"] = curves
+    report["checkpoint"] = source
     tmp = os.path.join(out, "report.json.tmp")
     with open(tmp, "w") as f:
         json.dump(report, f, indent=2)

@@ -321,7 +321,8 @@ class Trainer:
         if self.step == 0 and self.micro_done == 0:
             self.run_eval()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or args.quiet,
-                   desc="train", dynamic_ncols=True, file=sys.stdout)
+                   desc="train", dynamic_ncols=True, file=sys.stdout,
+                   mininterval=0.1 if sys.stdout.isatty() else 10.0)  # a log file gets a line per 10 s
         started, steps_this_run, window, stopped = time.perf_counter(), 0, [], False
         while self.step < self.total_steps:
             batches = fixed_batches(self.train_data, self.micro_per_epoch, args.per_device_train_batch_size,
@@ -341,7 +342,7 @@ class Trainer:
                 loss, window = float(np.mean(window)), []
                 rate = tokens * self.world / max(time.perf_counter() - t0, 1e-9)
                 self.record(loss=loss, lr=float(self.sched.get_last_lr()[0]), tokens_per_s=rate)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}", refresh=False)
                 bar.update(1)
                 t0, tokens = time.perf_counter(), 0
                 if args.eval_every and self.step % args.eval_every == 0:

@@ -130,4 +130,4 @@ def test_tokenizer_pickles_for_loader_workers():
 
     tok = synthetic_text_tokenizer()
     back = pickle.loads(pickle.dumps(tok))
-    assert back.encode("### Image 1:\n<image>") == tok.encode("### Image 1:\n<image>") == [12, 14, 16, 13, 95]
+    assert back.encode("### Image 1:\n<image>") == tok.encode("### Image 1:\n<image>") == [16, 22, 18, 17, 95]

@@ -68,9 +68,10 @@ def check_answers(sample) -> Counter:
     for turn in sample.turns:
         images += [read_shapes(im) for im in turn.images]
         q, a = turn.question, turn.answer
-        if m := re.fullmatch(r"What colour is the shape in image (\d)\?", q):
-            blobs = images[int(m[1]) - 1]
-            assert len(blobs) == 1 and blobs[0][0] == a, (q, a, blobs)
+        if m := re.fullmatch(r"What colour is the (circle|square|triangle) in image (\d)\?", q):
+            blobs = images[int(m[2]) - 1]
+            named = [colour for colour, shape in blobs if shape == m[1]]
+            assert named == [a] and 1 <= len(blobs) <= 3, (q, a, blobs)
             kinds["colour"] += 1
         elif m := re.fullmatch(r"How many (circle|square|triangle)s are in image (\d)\?", q):
             n = sum(shape == m[1] for _, shape in images[int(m[2]) - 1])
@@ -93,6 +94,8 @@ def test_answers_are_true_of_the_pixels():
         s = ds[i]
         assert 1 <= s.num_images <= 4 and 1 <= len(s.turns) <= 3 and s.turns[0].images
         kinds += check_answers(s)
+        # no image stands out by its number of shapes: only its label says which one a question means
+        assert all(1 <= len(read_shapes(im)) <= 3 for im in s.images)
     assert set(kinds) == {"colour", "count", "which"}
 
 
@@ -101,6 +104,22 @@ def test_other_image_size():
     assert ds[0].images[0].size == (48, 48)
     for i in range(len(ds)):
         check_answers(ds[i])
+
+
+@pytest.mark.parametrize("max_images", [1, 2, 3])
+def test_max_images_caps_every_sample(max_images):
+    ds = SyntheticDataset(120, seed=3, max_images=max_images)
+    counts = Counter(ds[i].num_images for i in range(len(ds)))
+    assert set(counts) == set(range(1, max_images + 1)), counts
+    for i in range(len(ds)):
+        check_answers(ds[i])  # still true of the pixels; "which" needs 3 images, so it comes with 3 only
+    assert SyntheticDataset(5, seed=3, max_images=4).plan(2) == SyntheticDataset(5, seed=3).plan(2)
+
+
+def test_max_images_out_of_range():
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="max_images must be in 1..4"):
+            SyntheticDataset(5, max_images=bad)
 
 
 def test_deterministic_by_seed():

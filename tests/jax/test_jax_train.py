@@ -97,8 +97,14 @@ def test_one_step_equals_hand_written_adamw():
 
     want = jax.tree.map(adamw, p0, grads, labels)
     got = copy(new.params)
-    worst = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
-    assert worst < 1e-6, worst
+    # Where |g| * clip is near eps the first step, g / (|g| + eps), turns the rounding of two separately
+    # compiled gradients (~1e-9) into update differences of lr * 1e-3: those few entries are held to 1e-4.
+    sharp = [(np.abs(g) * clip > 10 * eps) | (g == 0) for g in jax.tree.leaves(grads)]
+    pairs = list(zip(jax.tree.leaves(got), jax.tree.leaves(want), sharp))
+    worst = max(float(np.abs(a - b)[m].max(initial=0.0)) for a, b, m in pairs)
+    worst_near_eps = max(float(np.abs(a - b)[~m].max(initial=0.0)) for a, b, m in pairs)
+    assert worst < 1e-6 and worst_near_eps < 1e-4, (worst, worst_near_eps)
+    assert sum(int(m.sum()) for m in sharp) > 0.9 * sum(m.size for m in sharp)
     assert abs(float(metrics["grad_norm"]) - norm) < 1e-4 * norm
     assert int(new.step) == 1 and set(jax.tree.leaves(labels)) <= set(GROUPS)
     assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(p0)))

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from vchat.demo import Question, accuracy, left_pad
+from vchat.demo import Question, accuracy, left_pad, parse_curriculum
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -28,11 +28,18 @@ def test_left_pad():
     assert ids.tolist() == [[2, 1, 5], [1, 6, 7]] and mask.tolist() == [[0, 1, 1], [1, 1, 1]]
 
 
+def test_parse_curriculum():
+    assert parse_curriculum("1:1200,2:5,4:7") == [(1, 1200), (2, 5), (4, 7)]
+    for bad in ("1-1200", "5:10", "1:0", "a:b"):
+        with pytest.raises(SystemExit, match="--curriculum"):
+            parse_curriculum(bad)
+
+
 @pytest.mark.slow
 def test_demo_end_to_end_small(tmp_path):
     out = tmp_path / "demo"
     r = subprocess.run([sys.executable, "-m", "vchat.cli", "demo", "--out", str(out), "--samples", "300",
-                        "--epochs", "1", "--eval_questions", "48"], cwd=ROOT, capture_output=True, text=True,
+                        "--curriculum", "1:15,4:15", "--eval_questions", "48"], cwd=ROOT, capture_output=True, text=True,
                        env=dict(os.environ, DS_ACCELERATOR="cpu"), timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())

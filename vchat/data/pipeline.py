@@ -128,13 +128,17 @@ def build_training_data(args, cfg, verbose: bool = True) -> tuple[EncodedDataset
     import os
 
     from vchat.data.mix import build_mixture, split_train_eval
-    from vchat.data.synthetic import SyntheticDataset, build_synthetic_tokenizer, synthetic_text_tokenizer
+    from vchat.data.synthetic import (MAX_SAMPLE_IMAGES, SyntheticDataset, build_synthetic_tokenizer,
+                                      synthetic_text_tokenizer)
 
     synthetic = list(args.dataset_names) == ["synthetic"]
     if synthetic and not os.path.exists(os.path.join(args.data_path, "synthetic")):
-        source = SyntheticDataset(args.synthetic_samples, seed=args.seed, image_size=cfg.vision.image_size)
+        max_images = min(MAX_SAMPLE_IMAGES, args.max_num_image_per_sample)
+        source = SyntheticDataset(args.synthetic_samples, seed=args.seed, image_size=cfg.vision.image_size,
+                                  max_images=max_images)
         if verbose:
-            print(f"[data] synthetic: {len(source)} samples generated from seed {args.seed}", flush=True)
+            print(f"[data] synthetic: {len(source)} samples of 1-{max_images} images generated from seed "
+                  f"{args.seed}", flush=True)
     else:
         source = build_mixture(args.data_path, args.dataset_names, args.dataset_samples,
                                args.dataset_concatenate_samples, args.max_num_image_per_sample, seed=args.seed,

@@ -4,13 +4,16 @@ Not in the reference (it ships no data); it exists so training, chat and the tes
 download. Each sample has 1-4 images of coloured shapes (`vchat.data.shapes`) shown over 1-3 turns,
 and one question per turn whose answer needs the pictures:
 
-    What colour is the shape in image k?   red | green | blue | yellow      (chance 1/4)
+    What colour is the {circle,square,triangle} in image k?   red | green | blue | yellow  (chance 1/4)
     How many {circles,squares,triangles} are in image k?   zero..three     (chance 1/4)
     Which image has a {colour} {shape}?   1..m | none, asked with m >= 3 images shown (chance <= 1/4)
 
 A question "owns" the images it is about: their content is drawn from the answer (the answer
 first, uniform, then a picture that makes it true), and no two questions share an image, so every
-answer is uniform given its question. Images are numbered in the order they are shown, as
+answer is uniform given its question. Every image, owned or not, holds 1-3 shapes, so nothing but
+its "### Image k:" label tells which image a question is about: with a lone shape in the pictures
+that colour questions ask about (the first design), a model learned "the image with one shape"
+and never learned to find image k. Images are numbered in the order they are shown, as
 "### Image k:" labels them. The dataset is a pure function of (seed, index); nothing is written
 unless `save_synthetic` is called. Do not concatenate it (`--dataset_concatenate_samples 1`):
 "image k" in a question counts from its own sample.
@@ -41,7 +44,7 @@ MAX_TURNS = 3
 
 def _question(kind: str, **kw) -> str:
     if kind == "colour":
-        return f"What colour is the shape in image {kw['image']}?"
+        return f"What colour is the {kw['shape']} in image {kw['image']}?"
     if kind == "count":
         return f"How many {kw['shape']}s are in image {kw['image']}?"
     return f"Which image has a {kw['colour']} {kw['shape']}?"
@@ -58,9 +61,9 @@ def _random_pairs(rng: random.Random, n: int, exclude: tuple[str, str] | None = 
     return [rng.choice(pairs) for _ in range(n)]
 
 
-def _plan(rng: random.Random):
+def _plan(rng: random.Random, max_images: int = MAX_SAMPLE_IMAGES):
     """One try at a conversation plan: images shown per turn and one question per turn, or None."""
-    n_images, n_turns = rng.randint(1, MAX_SAMPLE_IMAGES), rng.randint(1, MAX_TURNS)
+    n_images, n_turns = rng.randint(1, max_images), rng.randint(1, MAX_TURNS)
     shown = [1] + [0] * (n_turns - 1)
     for _ in range(n_images - 1):
         shown[rng.randrange(n_turns)] += 1
@@ -78,8 +81,12 @@ def _plan(rng: random.Random):
         kind = "which" if "which" in options and rng.random() < 0.5 else rng.choice(options[:2])
         if kind == "colour":
             k, colour, shape = rng.choice(free), rng.choice(list(COLOURS)), rng.choice(SHAPES)
-            scenes[k] = _scene(rng, [(shape, colour)])
-            questions.append((_question("colour", image=k + 1), colour))
+            others = [s for s in SHAPES if s != shape]
+            pairs = [(shape, colour)] + [(rng.choice(others), rng.choice(list(COLOURS)))
+                                         for _ in range(rng.randint(0, 2))]
+            rng.shuffle(pairs)
+            scenes[k] = _scene(rng, pairs)
+            questions.append((_question("colour", image=k + 1, shape=shape), colour))
         elif kind == "count":
             k, shape, count = rng.choice(free), rng.choice(SHAPES), rng.randrange(4)
             total = rng.randint(max(count, 1), 3)
@@ -106,22 +113,31 @@ def _plan(rng: random.Random):
 
 
 class SyntheticDataset(Reader):
-    """`num_samples` synthetic conversations; `dataset[i]` is a `Sample` with PIL images."""
+    """`num_samples` synthetic conversations; `dataset[i]` is a `Sample` with PIL images.
+
+    `max_images` (1-4) caps the images of a sample: the trainers pass `--max_num_image_per_sample`,
+    so a run can start on one-image conversations and go on to more (a curriculum, as `vchat demo`
+    does). The default, 4, gives the dataset described above.
+    """
 
     name = "synthetic"
 
-    def __init__(self, num_samples: int = 1000, seed: int = 0, image_size: int = 32):
+    def __init__(self, num_samples: int = 1000, seed: int = 0, image_size: int = 32,
+                 max_images: int = MAX_SAMPLE_IMAGES):
         super().__init__(root="")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if not 1 <= max_images <= MAX_SAMPLE_IMAGES:
+            raise ValueError(f"max_images must be in 1..{MAX_SAMPLE_IMAGES}, got {max_images}")
         self.items = list(range(num_samples))
         self.seed, self.image_size = seed, image_size  # the content depends on neither rng nor epoch
+        self.max_images = max_images
 
     def plan(self, index: int):
         """(images shown per turn, scenes, [(question, answer)]) of sample `index`."""
         rng = random.Random(stable_seed(self.seed, "synthetic", index))
         while True:
-            plan = _plan(rng)
+            plan = _plan(rng, self.max_images)
             if plan is not None:
                 return plan
 
@@ -174,8 +190,7 @@ def synthetic_corpus() -> list[str]:
     rounds = [Round(question="", num_images=MAX_IMAGES, answer="")]
     lines = [text.replace(DEFAULT_IMAGE_TOKEN, " ") for text, _ in build_conversation(rounds)]
     for k in range(1, MAX_SAMPLE_IMAGES + 1):
-        lines.append(_question("colour", image=k))
-        lines += [_question("count", image=k, shape=s) for s in SHAPES]
+        lines += [_question(q, image=k, shape=s) for q in ("colour", "count") for s in SHAPES]
     lines += [_question("which", colour=c, shape=s) for c in COLOURS for s in SHAPES]
     lines += list(COLOURS) + list(COUNT_WORDS) + [NONE_ANSWER] + [str(k) for k in range(1, MAX_IMAGES + 1)]
     return lines
