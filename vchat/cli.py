@@ -1,7 +1,8 @@
 """The `vchat` command: a dispatcher over subcommands that live beside the code they drive.
 
-Each subcommand is named by module path and imported only when it runs, so `vchat --help` starts
-fast and `vchat/` stays framework-free.
+Each subcommand is named by module path (`module` runs `module.main`, `module:function` that
+function) and imported only when it runs, so `vchat --help` starts fast and `vchat/` stays
+framework-free.
 
     vchat check-logits tests/golden/baseline-mmca            # a reference checkpoint vs its goldens
     vchat check-logits tests/golden --framework torch        # every case listed in index.json
@@ -18,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("vchat_torch.train", "train with DeepSpeed (the reference's flags)"),
     "train-jax": ("vchat_jax.cli", "train with JAX: jax.jit over a device mesh, optax AdamW, orbax checkpoints"),
     "convert": ("convert.cli", "convert checkpoints: reference pytorch_model.bin, vchat torch and JAX directories"),
+    "chat": ("vchat_torch.cli:chat_main", "chat with a checkpoint: image paths and a question per round"),
+    "eval": ("vchat_torch.cli:eval_main", "answer the reference's eval JSON with a checkpoint, write a CSV"),
     "demo": ("vchat.demo", "the main job on built-in defaults"),
 }
 
@@ -39,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"vchat: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest, prog=f"vchat {name}") or 0)
+    module_name, _, function = COMMANDS[name][0].partition(":")
+    entry = getattr(importlib.import_module(module_name), function or "main")
+    return int(entry(rest, prog=f"vchat {name}") or 0)
 
 
 if __name__ == "__main__":
