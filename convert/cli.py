@@ -4,7 +4,8 @@
     vchat convert --from dsvc --to jax tests/golden/qwen-mmca out/qwen-jax        # meta.json found beside it
     vchat convert --from dsvc --to torch ckpt/pytorch_model.bin out/torch --config llama2-13b-qwen
     vchat convert --from dsvc --to torch ckpt/ out/torch --meta ckpt/meta.json --compat fixed
-    # vchat directories, both ways
+    # `vchat train`'s DeepSpeed checkpoint (ZeRO 0-3; its ds/ directory or one step under it)
+    vchat convert --from zero --to jax runs/demo/ds out/demo-jax
     vchat convert --from torch --to jax out/torch out/jax
     vchat convert --from jax --to torch out/jax out/torch-again --overwrite
 
@@ -12,13 +13,16 @@ Formats: `dsvc` is a reference `pytorch_model.bin` (or the directory holding it)
 geometry: pass `--meta` (tests/golden/README.md's layout; a meta.json beside SRC is used when neither
 option is given) or `--config` (a preset name or a vchat config.json). `torch` is a vchat_torch
 directory (config.json + model.safetensors), `jax` a vchat_jax directory (config.json + params/, orbax).
-`--compat` sets the compat mode written to DST (default: "dsvc" for a reference checkpoint, otherwise
-SRC's own).
+`zero` is a DeepSpeed checkpoint written by `vchat train` (`<output_dir>/ds`, the step `latest`
+names, or `<output_dir>/ds/stepN`), consolidated with DeepSpeed's zero_to_fp32 under ZeRO 1-3; its
+geometry is the run's config.json. `--compat` sets the compat mode written to DST (default: "dsvc" for
+a reference checkpoint, otherwise SRC's own).
 
 Every conversion goes through convert/param_map.py's table and is strict: each source tensor is used
 once, each target produced once, shapes are checked per key, and the error names any key that does not
 fit. DST is written atomically (a temporary sibling renamed into place at the end), so a failed
-conversion leaves nothing behind; an existing DST is replaced only with `--overwrite`.
+conversion leaves nothing behind; an existing DST is replaced only with `--overwrite`. A tokenizer.json
+in SRC's folder is copied into DST.
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ import time
 
 from vchat.config import COMPAT_MODES, ModelConfig, preset
 
-SOURCES = ("dsvc", "torch", "jax")
+SOURCES = ("dsvc", "zero", "torch", "jax")
 TARGETS = ("torch", "jax")
 META_NAME = "meta.json"
 DSVC_WEIGHTS = "pytorch_model.bin"
+TOKENIZER_FILES = ("tokenizer.json",)
 
 
 class ConvertError(ValueError):
@@ -69,6 +74,8 @@ def load_torch(fmt: str, src: str, config: ModelConfig | None, compat: str | Non
         return tc.from_dsvc(src, config)
     if fmt == "torch":
         return tc.from_pretrained(src, compat=compat)
+    if fmt == "zero":
+        return tc.from_zero(src, compat=compat)
     import torch
 
     from convert.torch_jax import to_state_dict
@@ -87,11 +94,33 @@ def load_jax(fmt: str, src: str, config: ModelConfig | None, compat: str | None)
 
     if fmt == "dsvc":
         return jc.from_dsvc(src, config)
+    if fmt == "zero":  # DeepSpeed's files are torch pickles: read them with torch
+        from flax import nnx
+
+        from convert.torch_jax import load_state_dict
+        from vchat_jax.model import VisualChat
+
+        torch_model = load_torch("zero", src, None, compat)
+        model = VisualChat(torch_model.config, nnx.Rngs(0))
+        load_state_dict(model, {k: v.detach().numpy() for k, v in torch_model.state_dict().items()})
+        return model
     if fmt == "torch" and not os.path.exists(os.path.join(src, jc.TORCH_WEIGHTS)):
         raise ConvertError(f"{src}: no {jc.TORCH_WEIGHTS}; is this a vchat_torch directory?")
     if fmt == "jax" and not os.path.isdir(os.path.join(src, jc.PARAMS_DIR)):
         raise ConvertError(f"{src}: no {jc.PARAMS_DIR}/; is this a vchat_jax (orbax) directory?")
     return jc.from_pretrained(src, compat=compat)
+
+
+def tokenizer_files(src: str) -> dict[str, str]:
+    """{name: text} of the tokenizer files in SRC's folder, which DST gets too."""
+    folder = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
+    out = {}
+    for name in TOKENIZER_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                out[name] = f.read()
+    return out
 
 
 def count_tensors(model, framework: str) -> int:
@@ -132,8 +161,10 @@ def convert(src: str, dst: str, src_format: str, dst_format: str, config: str | 
     log(f"loaded {n} tensors strictly: {c.vision.kind} tower, {c.projection.kind} projection, "
         f"{c.llm.num_hidden_layers} decoder layers, heads {c.llm.num_attention_heads}/{c.llm.num_key_value_heads}, "
         f"mmca {c.mmca}, compat {c.compat!r}")
-    log(f"writing {dst} ({dst_format}: {'model.safetensors' if dst_format == 'torch' else 'params/ (orbax)'})")
-    model.save_pretrained(dst)  # atomic: a temporary sibling renamed into place
+    extra = tokenizer_files(src)
+    log(f"writing {dst} ({dst_format}: {'model.safetensors' if dst_format == 'torch' else 'params/ (orbax)'}"
+        f"{''.join(', ' + name for name in extra)})")
+    model.save_pretrained(dst, extra_files=extra)  # atomic: a temporary sibling renamed into place
     log(f"done: {n} tensors in {time.perf_counter() - t0:.1f}s")
 
 
@@ -143,7 +174,8 @@ def main(argv: list[str] | None = None, prog: str = "vchat convert") -> int:
                                  epilog="examples:\n" + __doc__.split("\n\n")[1])
     ap.add_argument("--from", dest="src_format", choices=SOURCES, required=True, help="format of SRC")
     ap.add_argument("--to", dest="dst_format", choices=TARGETS, required=True, help="format of DST")
-    ap.add_argument("src", metavar="SRC", help="a reference pytorch_model.bin (or its folder), or a vchat directory")
+    ap.add_argument("src", metavar="SRC", help="a reference pytorch_model.bin (or its folder), a DeepSpeed "
+                    "checkpoint of vchat train (ds/ or ds/stepN), or a vchat directory")
     ap.add_argument("dst", metavar="DST", help="the vchat directory to write")
     ap.add_argument("--config", default=None, metavar="PRESET_OR_JSON",
                     help="geometry of a reference checkpoint: a preset name or a config.json")

@@ -27,9 +27,10 @@ TORCH_WEIGHTS = "model.safetensors"  # vchat_torch's save_pretrained
 DSVC_WEIGHTS = "pytorch_model.bin"  # the reference's training script
 
 
-def save_pretrained(model: VisualChat, path: str) -> None:
-    """Write `config.json` and `params/` (orbax, every parameter) atomically: into a temporary sibling,
-    then renamed into place (replacing an existing directory)."""
+def save_pretrained(model: VisualChat, path: str, extra_files: dict | None = None) -> None:
+    """Write `config.json` and `params/` (orbax, every parameter), and `extra_files` ({name: text},
+    e.g. tokenizer.json), atomically: into a temporary sibling, then renamed into place (replacing an
+    existing directory)."""
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(path)
@@ -39,6 +40,9 @@ def save_pretrained(model: VisualChat, path: str) -> None:
         ckpt = ocp.StandardCheckpointer()
         ckpt.save(os.path.join(tmp, PARAMS_DIR), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         ckpt.wait_until_finished()
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
 
 
 def _abstract(config: ModelConfig, mesh=None) -> dict:

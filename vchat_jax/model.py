@@ -218,11 +218,11 @@ class VisualChat(nnx.Module):
 
         return generate(self, images, input_ids, attention_mask=attention_mask, image_num=image_num, **kw)
 
-    def save_pretrained(self, path: str) -> None:
+    def save_pretrained(self, path: str, extra_files: dict | None = None) -> None:
         """See vchat_jax.checkpoint.save_pretrained."""
         from .checkpoint import save_pretrained
 
-        save_pretrained(self, path)
+        save_pretrained(self, path, extra_files=extra_files)
 
     @classmethod
     def from_pretrained(cls, path: str, **kw) -> "VisualChat":

@@ -87,8 +87,16 @@ def save_pretrained(model: VisualChat, path: str, trainable_only: bool = False, 
 
 
 def from_pretrained(path: str, base: str | None = None, compat: str | None = None) -> VisualChat:
-    """Load a vchat directory. A trainable-only checkpoint needs `base`, a full one to start from
-    (a vchat directory or a reference checkpoint)."""
+    """Load a vchat directory, or `vchat train`'s DeepSpeed checkpoint directory (see `from_zero`).
+    A trainable-only checkpoint needs `base`, a full one to start from (a vchat directory or a
+    reference checkpoint)."""
+    if not os.path.exists(os.path.join(path, CONFIG_NAME)) or not os.path.exists(os.path.join(path, WEIGHTS_NAME)):
+        try:
+            zero_checkpoint(path)
+        except CheckpointError:
+            pass
+        else:
+            return from_zero(path, compat=compat)
     config = load_checkpoint_config(path, compat)
     weights = os.path.join(path, WEIGHTS_NAME)
     sd = load_file(weights)
@@ -104,4 +112,67 @@ def from_pretrained(path: str, base: str | None = None, compat: str | None = Non
             os.path.join(base, WEIGHTS_NAME)) else read_dsvc_state_dict(base)
         load_state_dict_strict(model, base_sd, source=base)
     load_state_dict_strict(model, sd, source=weights, partial=partial)
+    return model.eval()
+
+
+# -- DeepSpeed checkpoints (`vchat train`'s ds/ directory) -----------------------------------------
+def zero_checkpoint(path: str) -> tuple[str, str]:
+    """(checkpoint_dir, tag) of a DeepSpeed checkpoint: `path` is the directory holding `latest`
+    (`<output_dir>/ds`) or one tag directory under it (`<output_dir>/ds/step120`)."""
+    if os.path.isfile(os.path.join(path, "latest")):
+        with open(os.path.join(path, "latest")) as f:
+            return path, f.read().strip()
+    if os.path.isdir(path) and any(n.endswith("model_states.pt") for n in os.listdir(path)):
+        path = os.path.abspath(path)
+        return os.path.dirname(path), os.path.basename(path)
+    raise CheckpointError(f"{path}: not a DeepSpeed checkpoint (no 'latest' file and no *model_states.pt)")
+
+
+def read_zero_state_dict(path: str) -> dict:
+    """Full float32 weights of a DeepSpeed checkpoint (ZeRO 0-3, any number of ranks). ZeRO 1-3 go
+    through DeepSpeed's own zero_to_fp32 (the optimizer's fp32 masters, frozen tensors included);
+    ZeRO-0 keeps whole weights in the module state. A LoRA run's adapters are not merged here: its
+    exported final/ directory holds the merged weights."""
+    ckpt_dir, tag = zero_checkpoint(path)
+    tag_dir = os.path.join(ckpt_dir, tag)
+    if not os.path.isdir(tag_dir):
+        raise CheckpointError(f"{ckpt_dir}/latest names {tag!r}, but {tag_dir} does not exist")
+    files = sorted(os.listdir(tag_dir))
+    if any(n.endswith("optim_states.pt") and n.startswith(("zero_pp_rank", "bf16_zero_pp_rank")) for n in files):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag)
+    else:
+        states = [n for n in files if n.endswith("model_states.pt")]
+        if not states:
+            raise CheckpointError(f"{tag_dir}: no *model_states.pt")
+        # DeepSpeed pickles its client state (RNG states, counters) beside the weights: not weights_only
+        sd = torch.load(os.path.join(tag_dir, states[0]), map_location="cpu", weights_only=False)["module"]
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    if any(".base_layer." in k or "lora_A" in k for k in sd):
+        raise CheckpointError(f"{tag_dir} holds LoRA adapters; load the run's exported final/ directory "
+                              "(adapters merged) instead")
+    return sd
+
+
+def from_zero(path: str, config: ModelConfig | str | None = None, compat: str | None = None) -> VisualChat:
+    """A VisualChat from `vchat train`'s DeepSpeed checkpoint (`<output_dir>/ds` or a tag under it).
+    The geometry comes from `config` (a ModelConfig, a preset name or a config.json), else from the
+    run's config.json (`ds/config.json`, or `<output_dir>/final/` or `best/`)."""
+    from vchat.config import preset
+
+    ckpt_dir, _ = zero_checkpoint(path)
+    if config is None:
+        out = os.path.dirname(os.path.abspath(ckpt_dir))
+        found = [d for d in (ckpt_dir, os.path.join(out, "final"), os.path.join(out, "best"))
+                 if os.path.exists(os.path.join(d, CONFIG_NAME))]
+        if not found:
+            raise CheckpointError(f"{path}: no {CONFIG_NAME} in {ckpt_dir} or beside it (final/, best/); "
+                                  "pass the model's config")
+        cfg = load_checkpoint_config(found[0], compat)
+    else:
+        cfg = preset(config) if isinstance(config, str) else config
+        cfg = cfg.replace(compat=compat) if compat else cfg
+    model = VisualChat(cfg)
+    load_state_dict_strict(model, read_zero_state_dict(path), source=path)
     return model.eval()

@@ -148,10 +148,10 @@ class VisualChat(nn.Module):
         return VisualChatOutput(loss=loss, logits=logits, modality=modality, labels=spliced_labels)
 
     # -- checkpoints and generation live beside the model --------------------------------------------
-    def save_pretrained(self, path: str, trainable_only: bool = False) -> None:
+    def save_pretrained(self, path: str, trainable_only: bool = False, extra_files: dict | None = None) -> None:
         from .checkpoint import save_pretrained
 
-        save_pretrained(self, path, trainable_only=trainable_only)
+        save_pretrained(self, path, trainable_only=trainable_only, extra_files=extra_files)
 
     @classmethod
     def from_pretrained(cls, path: str, **kw) -> "VisualChat":

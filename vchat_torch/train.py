@@ -252,6 +252,12 @@ class Trainer:
         state = {"step": self.step, "epoch": self.epoch, "micro_done": self.micro_done, "best": self.best,
                  "history": self.history, "rng": rng_state()}
         self.engine.save_checkpoint(self.ds_dir, tag=f"step{self.step}", client_state=state)
+        if self.rank == 0:  # so that ds/ loads on its own (vchat_torch.checkpoint.from_zero, vchat convert)
+            self.config.save(os.path.join(self.ds_dir, CONFIG_NAME))
+            tmp = os.path.join(self.ds_dir, f"tokenizer.json.tmp{os.getpid()}")
+            with open(tmp, "w") as f:
+                f.write(self.tokenizer_json)
+            os.replace(tmp, os.path.join(self.ds_dir, "tokenizer.json"))
         self.last_save = self.step
         log(f"[ckpt] resumable checkpoint at step {self.step} -> {self.ds_dir}/step{self.step}", self.rank)
 

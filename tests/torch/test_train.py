@@ -88,6 +88,12 @@ def test_zero2_and_zero3_two_processes_match_zero0(tmp_path):
     assert max_diff(z0, weights(tmp_path / "z2" / "final")) <= 1e-6
     assert max_diff(z0, weights(tmp_path / "z3" / "final")) <= 1e-6
     assert max_diff(z0, weights(tmp_path / "z0" / "best")) == 0.0  # the last evaluation was the best
+    # the DeepSpeed directories load directly (every tensor, frozen ones included)
+    from vchat_torch.checkpoint import from_zero
+
+    for run in ("z2", "z3"):
+        ds = {k: v for k, v in from_zero(str(tmp_path / run / "ds")).state_dict().items()}
+        assert set(ds) == set(z0) and max_diff(z0, ds) <= 1e-6, run
 
 
 def test_resume_ends_with_the_same_weights(tmp_path):
@@ -97,6 +103,33 @@ def test_resume_ends_with_the_same_weights(tmp_path):
     r = train(tmp_path / "cut", "--gradient_accumulation_steps", "2")
     assert "resumed from" in r.stdout and "step 2" in r.stdout
     assert max_diff(weights(tmp_path / "full" / "final"), weights(tmp_path / "cut" / "final")) == 0.0
+    zero0_checkpoint_loads_and_converts(tmp_path)
+
+
+def zero0_checkpoint_loads_and_converts(tmp_path):
+    """The ZeRO-0 DeepSpeed directory (and one step under it) equals the exported final/, in torch and JAX."""
+    from vchat_torch import VisualChat
+    from vchat_torch.checkpoint import CheckpointError, from_zero
+
+    final = weights(tmp_path / "full" / "final")
+    ds = tmp_path / "full" / "ds"
+    assert (ds / "config.json").exists() and (ds / "tokenizer.json").exists()
+    assert max_diff(final, VisualChat.from_pretrained(str(ds)).state_dict()) == 0.0
+    step = (ds / "latest").read_text().strip()
+    assert max_diff(final, from_zero(str(ds / step), config=str(ds / "config.json")).state_dict()) == 0.0
+    with pytest.raises(CheckpointError, match="not a DeepSpeed checkpoint"):
+        from_zero(str(tmp_path / "full" / "final"))
+    r = subprocess.run([sys.executable, "-m", "vchat.cli", "convert", "--from", "zero", "--to", "jax", str(ds),
+                        str(tmp_path / "jax")], cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    import numpy as np
+
+    from convert.torch_jax import to_state_dict
+    from vchat_jax import VisualChat as JaxVisualChat
+
+    assert (tmp_path / "jax" / "tokenizer.json").read_text() == (ds / "tokenizer.json").read_text()
+    back = to_state_dict(JaxVisualChat.from_pretrained(str(tmp_path / "jax")))
+    assert max(float(np.abs(back[k] - final[k].numpy()).max()) for k in final) == 0.0
 
 
 def test_bad_deepspeed_config_is_named(tmp_path):
