@@ -108,7 +108,7 @@ def generate(model, images, input_ids, attention_mask=None, image_num=None, max_
     p = right_align(model.plan(ids, attention_mask, image_num, pad_multiple=1, positions="cumsum"), cfg.pad_token_id)
     L = p.shape[1]
     graphdef, state = nnx.split(model)
-    imgs = None if n_images == 0 else jnp.asarray(images)
+    imgs = None if n_images == 0 else jnp.asarray(images, model.dtype)
     logits, cache = _prefill(graphdef, state, imgs, jnp.asarray(p.ids), jnp.asarray(p.image_index),
                              jnp.asarray(p.modality), jnp.asarray(p.position_ids), L + max_new_tokens)
     modality = jnp.zeros((B, L + max_new_tokens), jnp.int32).at[:, :L].set(jnp.asarray(p.modality, jnp.int32))

@@ -202,12 +202,28 @@ class VisualChat(nnx.Module):
                            labels=None if labels is None else np.asarray(labels), order=order_for(cfg.compat),
                            pad_multiple=pad_multiple, positions=positions)
 
+    @property
+    def dtype(self):
+        """The parameters' dtype (that of lang_embed): the dtype the model computes in."""
+        return self.lang_embed.embedding[...].dtype
+
+    def astype(self, dtype) -> "VisualChat":
+        """Cast every parameter to `dtype` (e.g. jnp.bfloat16) in place and return the model. The
+        computation follows: matmuls in `dtype`; RMSNorm statistics, RoPE tables and softmax in
+        float32 (DESIGN.md's numerics contract), as vchat_torch's model after `.to(dtype)`."""
+        state = nnx.state(self, nnx.Param)
+        nnx.update(self, jax.tree.map(lambda x: x.astype(dtype), state))
+        for _, module in nnx.iter_modules(self):  # flax's layers (Linear, Embed, Conv, ...) carry their own dtype
+            if module is not self and getattr(module, "dtype", None) is not None:
+                module.dtype = dtype
+        return self
+
     def __call__(self, images, input_ids, attention_mask=None, labels=None, image_num=None):
         """images: (N, C, H, W), every image of the batch in sample order; input_ids, attention_mask,
         labels: (B, T); image_num: images per sample. Returns (loss or None, logits (B, L, V)) over the
         spliced sequence, right-padded to a multiple of 8 (the plan is `self.plan(...)`)."""
         p = self.plan(input_ids, attention_mask, image_num, labels)
-        imgs = None if images is None or np.shape(images)[0] == 0 else jnp.asarray(images)
+        imgs = None if images is None or np.shape(images)[0] == 0 else jnp.asarray(images, self.dtype)
         lab = None if labels is None else jnp.asarray(p.labels)
         return _forward_jit(self, imgs, jnp.asarray(p.ids), jnp.asarray(p.image_index), jnp.asarray(p.modality),
                             jnp.asarray(p.position_ids), lab)

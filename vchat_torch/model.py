@@ -89,7 +89,8 @@ class VisualChat(nn.Module):
         return self.lang_embed.weight.dtype
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) pixels -> (N, image_tokens, hidden) projected features."""
+        """(N, 3, H, W) pixels (cast to the tower's dtype) -> (N, image_tokens, hidden) projected features."""
+        images = images.to(next(self.vis_encoder.parameters()).dtype)
         if any(p.requires_grad for p in self.vis_encoder.parameters()):  # LoRA on the tower
             feats = vision_features(self.vis_encoder, images)
         else:

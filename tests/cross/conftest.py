@@ -8,7 +8,7 @@ import os
 import jax
 import pytest
 import torch
-from cross_helpers import COLUMNS, RESULTS
+from cross_helpers import BF16_RESULTS, COLUMNS, RESULTS
 
 jax.config.update("jax_default_matmul_precision", "highest")
 torch.set_float32_matmul_precision("highest")
@@ -25,6 +25,11 @@ def one_torch_thread():
 
 
 def pytest_terminal_summary(terminalreporter):
+    if BF16_RESULTS:
+        terminalreporter.section("torch vs JAX in bfloat16: per-token KL(torch || JAX), top-1 agreement")
+        for combo, r in BF16_RESULTS.items():
+            terminalreporter.write_line(f"{combo:<32} KL max {r['kl_max']:.2e}  mean {r['kl_mean']:.2e}  "
+                                        f"top-1 {r['top1']:.4f}  greedy tokens equal {r['ids_agree']:.3f}")
     if not RESULTS:
         return
     if os.environ.get("VCHAT_CROSS_REPORT"):

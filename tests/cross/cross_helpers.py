@@ -31,6 +31,7 @@ TRAINABLE = ("lang_embed", "projection")
 
 RESULTS: dict[str, dict[str, float]] = {}  # combo id -> {measure: worst torch-vs-JAX difference}
 COLUMNS = ("logits", "loss", "grad_rel", "step_logits", "ids_equal")
+BF16_RESULTS: dict[str, dict[str, float]] = {}  # combo id -> {kl_max, kl_mean, top1, ids_agree}
 
 
 def make_config(tower: str = "clip", projection: str = "baseline", kv_heads: int = 4, mmca: bool = True,
