@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None, prog: str = "vchat bench") -> int:
 
     def row(name: str, a_name: str, b_name: str, ta: float, tb: float) -> None:
         rows.append({"bench": name, "a": a_name, "b": b_name, "a_seconds": ta, "b_seconds": tb, "ratio_b_over_a": tb / ta})
-        print(f"{name:<34} {a_name} {ta * 1e3:8.1f} ms | {b_name} {tb * 1e3:8.1f} ms | {b_name}/{a_name} "
-              f"{tb / ta:6.2f}x", flush=True)
+        print(f"{name:<22} {a_name:>10} {ta * 1e3:8.1f} ms | {b_name:>10} {tb * 1e3:8.1f} ms | "
+              f"{b_name}/{a_name} {tb / ta:6.2f}x", flush=True)
 
     L = data["input_ids"].shape[1] + args.images * (cfg.image_tokens - 1)
     print(f"[bench] preset {args.preset}: decoder {cfg.llm.num_hidden_layers} layers x {cfg.llm.hidden_size}, "
