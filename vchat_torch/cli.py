@@ -64,13 +64,21 @@ def chat_loop(session, proc, read, write=print):
     `quit` ends and `clear` starts over at either prompt."""
     from vchat.data import DataError
 
-    while True:
-        line = read("image paths (space-separated, 'na' for none): ")
+    def control(line: str | None) -> str | None:
+        """"quit" for quit or end of input, "clear" after clearing the chat, None for anything else."""
         if line is None or line == "quit":
-            return session
+            return "quit"
         if line == "clear":
             session.clear()
             write("(history, images and numbering cleared)")
+            return "clear"
+        return None
+
+    while True:
+        line = read("image paths (space-separated, 'na' for none): ")
+        if (act := control(line)) == "quit":
+            return session
+        if act:
             continue
         paths = [] if line.lower() in ("", "na") else line.split()
         if session.num_images + len(paths) > MAX_IMAGES:
@@ -82,11 +90,9 @@ def chat_loop(session, proc, read, write=print):
             write(f"{e}; try again")
             continue
         text = read("text ('quit' to exit, 'clear' to start over): ")
-        if text is None or text == "quit":
+        if (act := control(text)) == "quit":
             return session
-        if text == "clear":
-            session.clear()
-            write("(history, images and numbering cleared)")
+        if act:
             continue
         answer = session.ask(text, pixels)
         write(f"=========== Round {len(session.turns)} ===========")

@@ -252,7 +252,8 @@ class Trainer:
         state = {"step": self.step, "epoch": self.epoch, "micro_done": self.micro_done, "best": self.best,
                  "history": self.history, "rng": rng_state()}
         self.engine.save_checkpoint(self.ds_dir, tag=f"step{self.step}", client_state=state)
-        if self.rank == 0:  # so that ds/ loads on its own (vchat_torch.checkpoint.from_zero, vchat convert)
+        if self.rank == 0 and not os.path.exists(os.path.join(self.ds_dir, "tokenizer.json")):
+            # once per run, so that ds/ loads on its own (vchat_torch.checkpoint.from_zero, vchat convert)
             self.config.save(os.path.join(self.ds_dir, CONFIG_NAME))
             tmp = os.path.join(self.ds_dir, f"tokenizer.json.tmp{os.getpid()}")
             with open(tmp, "w") as f:
