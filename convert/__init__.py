@@ -1,2 +1,2 @@
 """Converters between the reference's checkpoints, vchat_torch and vchat_jax, all driven by one table
-(`convert/param_map.py`)."""
+(`vchat/param_map.py`)."""

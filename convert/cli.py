@@ -18,11 +18,16 @@ names, or `<output_dir>/ds/stepN`), consolidated with DeepSpeed's zero_to_fp32 u
 geometry is the run's config.json. `--compat` sets the compat mode written to DST (default: "dsvc" for
 a reference checkpoint, otherwise SRC's own).
 
-Every conversion goes through convert/param_map.py's table and is strict: each source tensor is used
+Every conversion goes through vchat/param_map.py's table and is strict: each source tensor is used
 once, each target produced once, shapes are checked per key, and the error names any key that does not
 fit. DST is written atomically (a temporary sibling renamed into place at the end), so a failed
 conversion leaves nothing behind; an existing DST is replaced only with `--overwrite`. A tokenizer.json
 in SRC's folder is copied into DST.
+
+Nothing but DST is ever removed: a DST inside SRC or containing it, a symlink, a regular file, or an
+existing directory that is not a vchat checkpoint (no config.json) is refused. A damaged file (JSON
+that does not parse, a truncated or garbage safetensors file) is named; a tensor holding NaN or Inf
+is refused unless `--allow_nonfinite`.
 """
 
 from __future__ import annotations
@@ -33,17 +38,62 @@ import os
 import sys
 import time
 
+from vchat.checkpoint_files import (CONFIG_NAME, DSVC_META_NAME, DSVC_WEIGHTS_NAME, PARAMS_DIR, TOKENIZER_NAME,
+                                    WEIGHTS_NAME)
 from vchat.config import COMPAT_MODES, ModelConfig, preset
+from vchat.errors import UserError, debugging
+from vchat.file_checks import check_json, check_safetensors
+from vchat.io import list_names
 
 SOURCES = ("dsvc", "zero", "torch", "jax")
 TARGETS = ("torch", "jax")
-META_NAME = "meta.json"
-DSVC_WEIGHTS = "pytorch_model.bin"
-TOKENIZER_FILES = ("tokenizer.json",)
+TOKENIZER_FILES = (TOKENIZER_NAME,)
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError):
     pass
+
+
+def check_paths(src: str, dst: str, overwrite: bool) -> None:
+    """Refuse a DST whose replacement could remove anything but DST itself."""
+    if os.path.islink(dst):
+        raise ConvertError(f"DST {dst} is a symlink; give the directory to write itself")
+    s, d = os.path.realpath(src), os.path.realpath(dst)
+    if s == d:
+        raise ConvertError("SRC and DST are the same path")
+    if os.path.commonpath([s, d]) == s:
+        raise ConvertError(f"DST {dst} is inside SRC {src}; choose a DST outside it")
+    if os.path.commonpath([s, d]) == d:
+        raise ConvertError(f"DST {dst} contains SRC {src}; replacing it would remove SRC")
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise ConvertError(f"DST {dst} exists and is not a directory; remove it or choose another path")
+    if os.path.exists(dst) and not overwrite:
+        raise ConvertError(f"{dst} exists; pass --overwrite to replace it")
+    if os.path.isdir(dst) and os.listdir(dst) and not os.path.isfile(os.path.join(dst, CONFIG_NAME)):
+        raise ConvertError(f"DST {dst} is not a vchat checkpoint directory (no {CONFIG_NAME}); --overwrite "
+                           f"replaces only those")
+
+
+def check_source_files(src: str) -> None:
+    """Name a damaged JSON or safetensors file of SRC before a loader trips over it."""
+    folder = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
+    for name in (CONFIG_NAME, DSVC_META_NAME):
+        if os.path.isfile(os.path.join(folder, name)):
+            check_json(os.path.join(folder, name))
+    if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
+        check_safetensors(os.path.join(folder, WEIGHTS_NAME))
+
+
+def nonfinite_tensors(model, framework: str) -> list[str]:
+    """Names of the parameters holding NaN or Inf."""
+    import numpy as np
+
+    if framework == "torch":
+        return [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    from flax import nnx
+
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return [".".join(map(str, k)) for k, v in flat if not np.isfinite(np.asarray(v[...], np.float32)).all()]
 
 
 def dsvc_config(src: str, config: str | None, meta: str | None, compat: str | None) -> tuple[ModelConfig, str]:
@@ -54,10 +104,10 @@ def dsvc_config(src: str, config: str | None, meta: str | None, compat: str | No
     if config:
         return preset(config).replace(compat=compat), f"--config {config}"
     if meta is None:
-        beside = os.path.join(src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src)), META_NAME)
+        beside = os.path.join(src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src)), DSVC_META_NAME)
         if not os.path.exists(beside):
             raise ConvertError(f"a reference checkpoint stores no geometry: pass --meta META_JSON or --config "
-                               f"PRESET_OR_JSON (no {META_NAME} beside {src})")
+                               f"PRESET_OR_JSON (no {DSVC_META_NAME} beside {src})")
         meta = beside
     with open(meta) as f:
         try:
@@ -78,7 +128,7 @@ def load_torch(fmt: str, src: str, config: ModelConfig | None, compat: str | Non
         return tc.from_zero(src, compat=compat)
     import torch
 
-    from convert.torch_jax import to_state_dict
+    from vchat_jax.state_dict import to_state_dict
     from vchat_torch.model import VisualChat
 
     jax_model = load_jax("jax", src, None, compat)
@@ -97,17 +147,17 @@ def load_jax(fmt: str, src: str, config: ModelConfig | None, compat: str | None)
     if fmt == "zero":  # DeepSpeed's files are torch pickles: read them with torch
         from flax import nnx
 
-        from convert.torch_jax import load_state_dict
         from vchat_jax.model import VisualChat
+        from vchat_jax.state_dict import load_state_dict
 
         torch_model = load_torch("zero", src, None, compat)
         model = VisualChat(torch_model.config, nnx.Rngs(0))
         load_state_dict(model, {k: v.detach().numpy() for k, v in torch_model.state_dict().items()})
         return model
-    if fmt == "torch" and not os.path.exists(os.path.join(src, jc.TORCH_WEIGHTS)):
-        raise ConvertError(f"{src}: no {jc.TORCH_WEIGHTS}; is this a vchat_torch directory?")
-    if fmt == "jax" and not os.path.isdir(os.path.join(src, jc.PARAMS_DIR)):
-        raise ConvertError(f"{src}: no {jc.PARAMS_DIR}/; is this a vchat_jax (orbax) directory?")
+    if fmt == "torch" and not os.path.exists(os.path.join(src, WEIGHTS_NAME)):
+        raise ConvertError(f"{src}: no {WEIGHTS_NAME}; is this a vchat_torch directory?")
+    if fmt == "jax" and not os.path.isdir(os.path.join(src, PARAMS_DIR)):
+        raise ConvertError(f"{src}: no {PARAMS_DIR}/; is this a vchat_jax (orbax) directory?")
     return jc.from_pretrained(src, compat=compat)
 
 
@@ -132,17 +182,15 @@ def count_tensors(model, framework: str) -> int:
 
 
 def convert(src: str, dst: str, src_format: str, dst_format: str, config: str | None = None,
-            meta: str | None = None, compat: str | None = None, overwrite: bool = False, log=print) -> None:
+            meta: str | None = None, compat: str | None = None, overwrite: bool = False, log=print,
+            allow_nonfinite: bool = False) -> None:
     """Convert SRC (format `src_format`) into a vchat directory DST (`dst_format`). Raises on any mismatch;
     DST appears only when the whole conversion has succeeded."""
     if src_format not in SOURCES or dst_format not in TARGETS:
         raise ConvertError(f"--from must be one of {SOURCES} and --to one of {TARGETS}")
     if not os.path.exists(src):
         raise ConvertError(f"{src}: no such file or directory")
-    if os.path.abspath(src) == os.path.abspath(dst):
-        raise ConvertError("SRC and DST are the same path")
-    if os.path.exists(dst) and not overwrite:
-        raise ConvertError(f"{dst} exists; pass --overwrite to replace it")
+    check_paths(src, dst, overwrite)
     if src_format != "dsvc" and (config or meta):
         raise ConvertError(f"--config/--meta describe a reference checkpoint; a {src_format} directory has its "
                            f"own config.json")
@@ -150,19 +198,29 @@ def convert(src: str, dst: str, src_format: str, dst_format: str, config: str | 
     cfg = None
     if src_format == "dsvc":
         cfg, origin = dsvc_config(src, config, meta, compat)
-        path = os.path.join(src, DSVC_WEIGHTS) if os.path.isdir(src) else src
+        path = os.path.join(src, DSVC_WEIGHTS_NAME) if os.path.isdir(src) else src
         log(f"reading {path} (reference checkpoint; geometry from {origin}, compat {cfg.compat!r})")
         src = path
     else:
         log(f"reading {src} (vchat {src_format} directory)")
-    model = (load_torch if dst_format == "torch" else load_jax)(src_format, src, cfg, compat)
+    check_source_files(src)
+    try:
+        model = (load_torch if dst_format == "torch" else load_jax)(src_format, src, cfg, compat)
+    except (UserError, OSError):
+        raise
+    except Exception as e:  # a damaged file the checks above do not know: name SRC
+        raise ConvertError(f"{src}: cannot read it as a {src_format} checkpoint ({type(e).__name__}: {e})") from e
     n = count_tensors(model, dst_format)
+    bad = nonfinite_tensors(model, dst_format)
+    if bad and not allow_nonfinite:
+        raise ConvertError(f"{len(bad)} of {n} tensors hold NaN or Inf ({list_names(bad, 5)}); "
+                           f"--allow_nonfinite converts them anyway")
     c = model.config
     log(f"loaded {n} tensors strictly: {c.vision.kind} tower, {c.projection.kind} projection, "
         f"{c.llm.num_hidden_layers} decoder layers, heads {c.llm.num_attention_heads}/{c.llm.num_key_value_heads}, "
         f"mmca {c.mmca}, compat {c.compat!r}")
     extra = tokenizer_files(src)
-    log(f"writing {dst} ({dst_format}: {'model.safetensors' if dst_format == 'torch' else 'params/ (orbax)'}"
+    log(f"writing {dst} ({dst_format}: {WEIGHTS_NAME if dst_format == 'torch' else PARAMS_DIR + '/ (orbax)'}"
         f"{''.join(', ' + name for name in extra)})")
     model.save_pretrained(dst, extra_files=extra)  # atomic: a temporary sibling renamed into place
     log(f"done: {n} tensors in {time.perf_counter() - t0:.1f}s")
@@ -183,14 +241,16 @@ def main(argv: list[str] | None = None, prog: str = "vchat convert") -> int:
                     help="geometry of a reference checkpoint: a golden-style meta.json")
     ap.add_argument("--compat", choices=COMPAT_MODES, default=None,
                     help="compat mode written to DST (default: dsvc for a reference checkpoint, else SRC's)")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing DST (a vchat checkpoint directory)")
+    ap.add_argument("--allow_nonfinite", action="store_true", help="convert tensors holding NaN or Inf")
     args = ap.parse_args(argv)
     try:
         convert(args.src, args.dst, args.src_format, args.dst_format, config=args.config, meta=args.meta,
-                compat=args.compat, overwrite=args.overwrite)
+                compat=args.compat, overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite)
     except (ValueError, OSError) as e:  # strict-load errors name the offending keys
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        print(f"{prog}: nothing written to {args.dst}", file=sys.stderr)
+        if debugging():
+            raise
+        print(f"{prog}: error: {e} (nothing written; {args.dst} is as it was)", file=sys.stderr)
         return 1
     return 0
 

@@ -17,9 +17,19 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from vchat.checkpoint_files import CONFIG_NAME
+from vchat.io import writing_file
+
 VISION_KINDS = ("clip", "qwen")
 PROJECTION_KINDS = ("baseline", "vit", "perceiver")
 COMPAT_MODES = ("dsvc", "fixed")
+# Activation names (transformers' ACT2FN spelling) both frameworks implement, for `hidden_act` fields.
+ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_accurate", "quick_gelu",
+               "relu", "relu2", "relu6", "sigmoid", "tanh", "mish")
+# MMCA kernels: "dense" is the readable twin of the numpy oracle; "sdpa" (torch: SDPA per branch) and
+# "flex" (torch: FlexAttention block masks) never build an L x L tensor; JAX runs its blockwise kernel for
+# every choice but "dense". "auto" = flex on CUDA, sdpa elsewhere.
+ATTENTION_KINDS = ("auto", "dense", "sdpa", "flex")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -55,6 +65,7 @@ class VisionConfig:
         _check(self.image_size % self.patch_size == 0, "vision.image_size must be a multiple of patch_size")
         _check(self.hidden_size % self.num_attention_heads == 0,
                "vision.hidden_size must be divisible by num_attention_heads")
+        _check(self.hidden_act in ACTIVATIONS, f"vision.hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
         if self.kind == "qwen":
             _check(int(self.n_queries**0.5) ** 2 == self.n_queries, "vision.n_queries must be a square")
             _check(self.output_dim % 128 == 0, "vision.output_dim must be a multiple of 128 (heads of 128)")
@@ -101,6 +112,8 @@ class LLMConfig:
         _check(self.num_attention_heads % self.num_key_value_heads == 0,
                "llm.num_attention_heads must be divisible by num_key_value_heads")
         _check(self.head_dim % 2 == 0, "llm head_dim must be even (RoPE rotates halves)")
+        _check(self.hidden_act in ACTIVATIONS, f"llm.hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
+        _check(self.initializer_range > 0, f"llm.initializer_range must be positive, got {self.initializer_range}")
 
     @property
     def head_dim(self) -> int:
@@ -129,6 +142,7 @@ class ModelConfig:
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     mmca: bool = True
     compat: str = "fixed"
+    attention: str = "auto"
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 2
@@ -137,6 +151,8 @@ class ModelConfig:
 
     def __post_init__(self):
         _check(self.compat in COMPAT_MODES, f"compat must be one of {COMPAT_MODES}, got {self.compat!r}")
+        _check(self.attention in ATTENTION_KINDS,
+               f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         _check(not (self.vision.kind == "qwen" and self.projection.kind != "baseline"),
                "the Qwen-VL vision tower only supports the 'baseline' projection (as the reference)")
         if self.projection.kind == "perceiver":
@@ -169,10 +185,8 @@ class ModelConfig:
         return _build(cls, d, "config")
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
+        with writing_file(path) as f:
             json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str) -> "ModelConfig":
@@ -213,7 +227,6 @@ class ModelConfig:
                    image_token_id=image_id, image_pretoken_id=image_id - 1)
 
 
-CONFIG_NAME = "config.json"
 
 
 def load_checkpoint_config(path: str, compat: str | None = None) -> ModelConfig:

@@ -9,19 +9,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vchat.checkpoint_files import DSVC_META_NAME, DSVC_WEIGHTS_NAME
 from vchat.config import ModelConfig
 
+CASE_NAME = "case.npz"  # the batch and the reference's outputs
 DEFAULT_ATOL = 1e-4  # logits; the tests hold the torch and JAX models to 1e-5
 
 
 def load_case(case_dir: str) -> tuple[ModelConfig, dict]:
     """The config (compat "dsvc": a reference checkpoint) and the arrays of a golden folder."""
-    for name in ("meta.json", "case.npz", "pytorch_model.bin"):
+    names = (DSVC_META_NAME, CASE_NAME, DSVC_WEIGHTS_NAME)
+    for name in names:
         if not os.path.exists(os.path.join(case_dir, name)):
-            raise FileNotFoundError(f"{case_dir}: missing {name} (expected meta.json, case.npz, pytorch_model.bin)")
-    with open(os.path.join(case_dir, "meta.json")) as f:
+            raise FileNotFoundError(f"{case_dir}: missing {name} (expected {', '.join(names)})")
+    with open(os.path.join(case_dir, DSVC_META_NAME)) as f:
         meta = json.load(f)
-    with np.load(os.path.join(case_dir, "case.npz")) as z:
+    with np.load(os.path.join(case_dir, CASE_NAME)) as z:
         case = {k: z[k] for k in z.files}
     return ModelConfig.from_dsvc_meta(meta, compat="dsvc"), case
 

@@ -1,7 +1,13 @@
-"""Atomic directory writes, shared by every checkpoint writer (torch, JAX, converters).
+"""Atomic writes of files and directories, shared by every writer (checkpoints, reports, datasets).
 
-Files go to a hidden temporary sibling of the target; `commit_dir` renames it into place at the
-end (replacing an older directory only then), so a crash never leaves a half-written checkpoint.
+    with writing_file("out/report.json") as f:        # a file: renamed into place when the block ends
+        json.dump(report, f)
+    with writing_dir("out/final") as tmp:              # a directory: the same, for a whole checkpoint
+        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME))
+
+Everything goes to a hidden temporary sibling of the target first and is renamed into place at
+the end (replacing an older file or directory only then), so a crash never leaves a half-written
+file; on an error the temporary is removed.
 """
 
 from __future__ import annotations
@@ -28,6 +34,23 @@ def commit_dir(tmp: str, final: str) -> None:
         shutil.rmtree(old)
     else:
         os.rename(tmp, final)
+
+
+@contextmanager
+def writing_file(final: str, mode: str = "w", **open_kwargs):
+    """`with writing_file(path) as f:` write f (opened with `mode`, "w" or "wb", and `open_kwargs`);
+    renamed to `path` on success (replacing an older file), removed on error."""
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(final)}.tmp", dir=parent)
+    try:
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def list_names(keys, limit: int = 20) -> str:

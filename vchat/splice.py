@@ -135,3 +135,11 @@ def plan_splice(
         raise ValueError(f"positions must be 'arange' or 'cumsum', got {positions!r}")
     return SplicePlan(ids=out_ids, image_index=out_img, modality=out_mod, labels=out_lab,
                       position_ids=pos_ids, lengths=lengths.astype(np.int64))
+
+
+def check_image_count(plan: SplicePlan, given: int, image_tokens: int) -> int:
+    """The number of images `plan` splices in; raises unless `given` (images passed) is that many."""
+    nimg = int((plan.modality == 2).sum()) // image_tokens
+    if given != nimg:
+        raise ValueError(f"the prompts hold {nimg} <image> tokens but {given} images were given")
+    return nimg

@@ -55,23 +55,26 @@ def clean_question(question: str) -> str:
     return question.replace(DEFAULT_IMAGE_TOKEN, "").replace("\n", "")
 
 
+def prompt_template(num_images: int = 0, first_message: bool = False) -> str:
+    """The instruction text of one round with the question still the placeholder `<question>`."""
+    if num_images < 0 or num_images > MAX_IMAGES:
+        raise ValueError(f"a round holds 0..{MAX_IMAGES} images, got {num_images}")
+    if num_images == 0:
+        text = TEMPLATE["prompt_qa_without_image"]
+    else:
+        head = f"{DEFAULT_HUMAN_IMAGE_PRETOKEN}\n{DEFAULT_IMAGE_TOKEN}\n\n"
+        text = TEMPLATE["prompt_qa_with_image"].replace(
+            head, f"{DEFAULT_HUMAN_IMAGE_PRETOKEN}\n{DEFAULT_IMAGE_TOKEN}\n" * num_images + "\n", 1)
+    return DEFAULT_PROMPT + text if first_message else text
+
+
 def prompt(question: str, num_images: int = 0, first_message: bool = False) -> str:
     """The reference's `Prompter`: the instruction text of one round, before image numbering.
 
     `num_images` image blocks ("### Image:\\n<image>\\n" each, then one blank line) precede the
     question; `first_message` prepends the system prompt.
     """
-    if num_images < 0 or num_images > MAX_IMAGES:
-        raise ValueError(f"a round holds 0..{MAX_IMAGES} images, got {num_images}")
-    if num_images == 0:
-        text = TEMPLATE["prompt_qa_without_image"].replace(DEFAULT_QUESTION_TOKEN, question)
-    else:
-        text = TEMPLATE["prompt_qa_with_image"].replace(DEFAULT_QUESTION_TOKEN, question)
-        head = f"{DEFAULT_HUMAN_IMAGE_PRETOKEN}\n{DEFAULT_IMAGE_TOKEN}\n\n"
-        text = text.replace(head, f"{DEFAULT_HUMAN_IMAGE_PRETOKEN}\n{DEFAULT_IMAGE_TOKEN}\n" * num_images + "\n", 1)
-    if first_message:
-        text = DEFAULT_PROMPT + text
-    return text
+    return prompt_template(num_images, first_message).replace(DEFAULT_QUESTION_TOKEN, question, 1)
 
 
 def number_images(text: str, start: int = 1) -> tuple[str, int]:
@@ -102,11 +105,20 @@ class Round:
     answer: str | None = None
 
 
+def round_parts(rnd: Round, first: bool, image_start: int) -> tuple[list[tuple[str, bool]], int]:
+    """The instruction of one round as `(text, is_user)` parts, template and question apart, and the
+    next image number. Only the template is numbered; the question is the user's text, which the
+    tokenizer encodes as text (`TextTokenizer.encode_parts`), so a `<image>` or `### Image:` typed
+    by the user is never an image slot or label."""
+    text, nxt = number_images(prompt_template(rnd.num_images, first_message=first), image_start)
+    before, after = text.split(DEFAULT_QUESTION_TOKEN)
+    return [(before, False), (rnd.question, True), (after, False)], nxt
+
+
 def build_round(rnd: Round, first: bool, image_start: int) -> tuple[str, str | None, int]:
     """Instruction text (numbered), answer text and the next image number for one round."""
-    text = prompt(rnd.question, rnd.num_images, first_message=first)
-    text, nxt = number_images(text, image_start)
-    return text, rnd.answer, nxt
+    parts, nxt = round_parts(rnd, first, image_start)
+    return "".join(text for text, _ in parts), rnd.answer, nxt
 
 
 def build_conversation(rounds: list[Round], image_start: int = 1, system: bool = True) -> list[tuple[str, str | None]]:

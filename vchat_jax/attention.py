@@ -22,6 +22,8 @@ row's uniform set under "dsvc", . = weight 0)::
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -64,24 +66,17 @@ def branch_weights(scores: jax.Array, key_ok: jax.Array, causal: jax.Array, comp
     return jnp.where(empty, fallback, w)
 
 
-def attention_weights(q, k, m_q, m_k, mmca: bool, compat: str, q_offset=None) -> jax.Array:
-    """Summed branch weights (B, H, Lq, Lk) in float32. q: (B, H, Lq, D); k: (B, Hkv, Lk, D)."""
-    k = repeat_kv(k, q.shape[1] // k.shape[1])
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(q.shape[-1]))
-    terms = branch_terms(m_q, m_k, mmca, q_offset)
-    return sum(branch_weights(scores, ko, c, compat) for ko, c in terms)
-
-
-def attention(q, k, v, m_q, m_k, mmca: bool, compat: str, q_offset=None) -> jax.Array:
-    """Dense MMCA (or plain causal) attention: (B, H, Lq, D) in the dtype of v.
-
-    Each branch's softmax runs in float32 and is cast back before the branches are summed, as in the
-    reference.
-    """
+def attention(q, k, v, m_q, m_k, mmca: bool, compat: str, q_offset=None, kind: str = "dense") -> jax.Array:
+    """MMCA (or plain causal) attention: (B, H, Lq, D) in the dtype of v. q: (B, H, Lq, D); k, v:
+    (B, Hkv, Lk, D). kind "dense" (the oracle's mirror) or any fast choice of `ModelConfig.attention`
+    ("auto", "sdpa", "flex": the blockwise kernel, `flash_attention`)."""
+    if kind != "dense":
+        return flash_attention(q, k, v, m_q, m_k, mmca, compat, q_offset)
     k = repeat_kv(k, q.shape[1] // k.shape[1])
     v = repeat_kv(v, q.shape[1] // v.shape[1])
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(q.shape[-1]))
     terms = branch_terms(m_q, m_k, mmca, q_offset)
+    # Each branch's softmax runs in float32 and is cast back before the branches are summed, as in the reference.
     w = sum(branch_weights(scores, ko, c, compat).astype(v.dtype) for ko, c in terms)  # (B, H, Lq, Lk)
     return jnp.einsum("bhqk,bhkd->bhqd", w, v)
 
@@ -89,3 +84,164 @@ def attention(q, k, v, m_q, m_k, mmca: bool, compat: str, q_offset=None) -> jax.
 def repeat_kv(x: jax.Array, n: int) -> jax.Array:
     """(B, Hkv, L, D) -> (B, Hkv * n, L, D), each kv head repeated n times in place (GQA)."""
     return jnp.repeat(x, n, axis=1) if n > 1 else x
+
+
+# -- the blockwise kernel ----------------------------------------------------------------------------
+# One pass over key blocks per query block, both MMCA branches at once: image and text keys are
+# disjoint, so each score belongs to at most one branch; a running max and sum per branch rescale each
+# branch's accumulator (flash attention). Masks are made inside each (query block, key block) tile from
+# the modality ids and positions; key blocks past a query block's last query are skipped. The custom
+# VJP keeps only the inputs, the per-branch outputs and log-sum-exps, and recomputes the tiles in the
+# backward: memory O(L x block), never (B, H, Lq, Lk).
+
+BLOCK = 512
+
+
+def flash_attention(q, k, v, m_q, m_k, mmca: bool, compat: str, q_offset=None, block: int = BLOCK) -> jax.Array:
+    """Blockwise MMCA, exact to the dense form: (B, H, Lq, D) in the dtype of v. Rows of a branch with
+    no allowed key give 0 ("fixed") or the mean of V over the set X of MMCA.md ("dsvc", `empty_row_mean`)."""
+    if compat not in ("dsvc", "fixed"):
+        raise ValueError(f"compat must be 'dsvc' or 'fixed', got {compat!r}")
+    B, H, Lq, D = q.shape
+    n_rep = H // k.shape[1]
+    Lk = k.shape[2]
+    offset = jnp.asarray(Lk - Lq if q_offset is None else q_offset, jnp.int32)
+    bq, bk = min(block, Lq), min(block, Lk)
+    pad_q, pad_k = -Lq % bq, -Lk % bk  # padded keys have modality 0: no branch takes them
+    qp = jnp.pad(q, ((0, 0), (0, 0), (0, pad_q), (0, 0)))
+    kp, vp = (jnp.pad(repeat_kv(x, n_rep), ((0, 0), (0, 0), (0, pad_k), (0, 0))) for x in (k, v))
+    mq, mk = jnp.pad(m_q, ((0, 0), (0, pad_q))), jnp.pad(m_k, ((0, 0), (0, pad_k)))
+    out = _flash(mmca, bq, bk, qp, kp, vp, mq, mk, offset)[:, :, :Lq]  # (B, H, Lq, D) float32
+    if compat == "dsvc":
+        key_ok = [m_k == 2, m_k == 1] if mmca else [m_k > 0]
+        rows = [m_q != 2, None] if mmca else [None]
+        for ok, r in zip(key_ok, rows):
+            out = out + repeat_kv(empty_row_mean(v, ok, offset, Lq, r), n_rep)
+    return out.astype(v.dtype)
+
+
+def empty_row_mean(v, key_ok, offset, Lq: int, rows=None) -> jax.Array:
+    """compat "dsvc": a branch's empty rows, (B, Hkv, Lq, D) float32, zero elsewhere. v: (B, Hkv, Lk, D);
+    key_ok: (B, Lk) the branch's keys; rows: (B, Lq) the rows it applies to (default all). Row q (key
+    index qi = offset + q) is empty when no key k <= qi is ok; it averages V over {k <= qi} + {k > qi, ok},
+    by prefix sums."""
+    Lk = v.shape[2]
+    qi = jnp.minimum(jnp.arange(Lq) + offset, Lk - 1)  # (Lq,)
+    empty = jnp.take(jnp.cumsum(key_ok, axis=-1), qi, axis=1) == 0  # (B, Lq)
+    if rows is not None:
+        empty &= rows
+    vf = v.astype(jnp.float32)
+    prefix = jnp.take(jnp.cumsum(vf, axis=2), qi, axis=2)  # (B, Hkv, Lq, D)
+    total = jnp.einsum("bk,bhkd->bhd", key_ok.astype(jnp.float32), vf)[:, :, None]  # (B, Hkv, 1, D)
+    count = (qi[None] + 1 + key_ok.sum(-1, keepdims=True)).astype(jnp.float32)  # (B, Lq) |X| of an empty row
+    return jnp.where(empty[:, None, :, None], (prefix + total) / count[:, None, :, None], 0.0)
+
+
+def _tile(mmca: bool, q, k, m_q, m_k, offset, i, j, bq: int, bk: int):
+    """Scores (B, H, bq, bk) float32 of query block i against key block j and each branch's mask
+    (n, B, 1, bq, bk), made from the ids and positions of the tile (the oracle's branch_terms)."""
+    qb = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=2)  # (B, H, bq, D)
+    kb = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)  # (B, H, bk, D)
+    s = jnp.einsum("bhqd,bhkd->bhqk", qb, kb, preferred_element_type=jnp.float32) / jnp.sqrt(
+        jnp.float32(q.shape[-1]))
+    qi = offset + i * bq + jnp.arange(bq)  # (bq,) key index of each query
+    ki = j * bk + jnp.arange(bk)
+    causal = ki[None, :] <= qi[:, None]  # (bq, bk)
+    mq = jax.lax.dynamic_slice_in_dim(m_q, i * bq, bq, axis=1)[:, :, None]  # (B, bq, 1)
+    mk = jax.lax.dynamic_slice_in_dim(m_k, j * bk, bk, axis=1)[:, None, :]  # (B, 1, bk)
+    if mmca:
+        img = jnp.where(mq == 2, ki[None, None, :] == qi[None, :, None], mk == 2)  # image rows: self only
+        masks = [img & causal, (mk == 1) & causal]
+    else:
+        masks = [(mk > 0) & causal]
+    return s, jnp.stack(masks)[:, :, None]
+
+
+def _select(masks, per_branch):
+    """Per-branch row values (n, B, H, bq) -> (B, H, bq, bk): each score's own branch's value."""
+    out = per_branch[-1][..., None]
+    for m, x in zip(masks[:-1], per_branch[:-1]):
+        out = jnp.where(m, x[..., None], out)
+    return out
+
+
+def _key_blocks(offset, i, bq: int, bk: int, nk: int):
+    """Key blocks that query block i can see: up to its last query."""
+    return jnp.minimum((offset + (i + 1) * bq - 1) // bk + 1, nk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _flash(mmca, bq, bk, q, k, v, m_q, m_k, offset):
+    return _flash_fwd(mmca, bq, bk, q, k, v, m_q, m_k, offset)[0]
+
+
+def _flash_fwd(mmca, bq, bk, q, k, v, m_q, m_k, offset):
+    B, H, Lq, D = q.shape
+    nb, nq, nk = (2 if mmca else 1), Lq // bq, k.shape[2] // bk
+
+    def q_block(i, carry):
+        outs, lses = carry
+
+        def k_block(j, c):
+            m, l, acc = c  # (n, B, H, bq), (n, B, H, bq), (n, B, H, bq, D)
+            s, masks = _tile(mmca, q, k, m_q, m_k, offset, i, j, bq, bk)
+            m_new = jnp.maximum(m, jnp.where(masks, s, -jnp.inf).max(-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            p_all = jnp.exp(s - _select(masks, m_safe))  # (B, H, bq, bk): one exp for both branches
+            p = jnp.where(masks, p_all, 0.0)  # (n, B, H, bq, bk)
+            alpha = jnp.exp(m - m_safe)  # 0 while a row has seen no key of the branch
+            vb = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
+            pv = jnp.einsum("nbhqk,bhkd->nbhqd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
+            return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+
+        init = (jnp.full((nb, B, H, bq), -jnp.inf), jnp.zeros((nb, B, H, bq)), jnp.zeros((nb, B, H, bq, D)))
+        m, l, acc = jax.lax.fori_loop(0, _key_blocks(offset, i, bq, bk, nk), k_block, init)
+        o = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+        lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
+        return (jax.lax.dynamic_update_slice_in_dim(outs, o, i * bq, axis=3),
+                jax.lax.dynamic_update_slice_in_dim(lses, lse, i * bq, axis=3))
+
+    outs, lses = jax.lax.fori_loop(0, nq, q_block, (jnp.zeros((nb, B, H, Lq, D)), jnp.zeros((nb, B, H, Lq))))
+    return outs.sum(0), (q, k, v, m_q, m_k, offset, outs, lses)
+
+
+def _flash_bwd(mmca, bq, bk, res, d_out):
+    q, k, v, m_q, m_k, offset, outs, lses = res
+    nq, nk = q.shape[2] // bq, k.shape[2] // bk
+    d_out = d_out.astype(jnp.float32)
+    deltas = (outs * d_out[None]).sum(-1)  # (n, B, H, Lq): rowsum(dO * O) of each branch
+    scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
+
+    def q_block(i, carry):
+        dq, dk, dv = carry
+        do = jax.lax.dynamic_slice_in_dim(d_out, i * bq, bq, axis=2)  # (B, H, bq, D)
+        lse = jax.lax.dynamic_slice_in_dim(lses, i * bq, bq, axis=3)  # (n, B, H, bq)
+        delta = jax.lax.dynamic_slice_in_dim(deltas, i * bq, bq, axis=3)
+        qb = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=2)
+
+        def k_block(j, c):
+            dq_i, dk, dv = c
+            s, masks = _tile(mmca, q, k, m_q, m_k, offset, i, j, bq, bk)
+            p = jnp.where(masks.any(0), jnp.exp(s - _select(masks, lse)), 0.0)  # (B, H, bq, bk) both branches
+            kb = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
+            vb = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
+            dp = jnp.einsum("bhqd,bhkd->bhqk", do.astype(v.dtype), vb, preferred_element_type=jnp.float32)
+            ds = p * (dp - _select(masks, delta)) * scale
+            dq_i = dq_i + jnp.einsum("bhqk,bhkd->bhqd", ds.astype(k.dtype), kb, preferred_element_type=jnp.float32)
+            dk_j = jnp.einsum("bhqk,bhqd->bhkd", ds.astype(q.dtype), qb, preferred_element_type=jnp.float32)
+            dv_j = jnp.einsum("bhqk,bhqd->bhkd", p.astype(v.dtype), do.astype(v.dtype),
+                              preferred_element_type=jnp.float32)
+            add = lambda x, y: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+                x, jax.lax.dynamic_slice_in_dim(x, j * bk, bk, axis=2) + y, j * bk, axis=2)
+            return dq_i, add(dk, dk_j), add(dv, dv_j)
+
+        dq_i, dk, dv = jax.lax.fori_loop(0, _key_blocks(offset, i, bq, bk, nk), k_block,
+                                         (jnp.zeros(qb.shape, jnp.float32), dk, dv))
+        return jax.lax.dynamic_update_slice_in_dim(dq, dq_i, i * bq, axis=2), dk, dv
+
+    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
+    dq, dk, dv = jax.lax.fori_loop(0, nq, q_block, (zeros(q), zeros(k), zeros(v)))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)

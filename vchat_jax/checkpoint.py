@@ -1,4 +1,4 @@
-"""vchat_jax checkpoints: an orbax directory, and loading torch-side checkpoints through convert/param_map.
+"""vchat_jax checkpoints: an orbax directory, and loading torch-side checkpoints through vchat/param_map.
 
     model.save_pretrained("out/jax")                    # config.json + params/ (orbax, JAX layouts)
     model = VisualChat.from_pretrained("out/jax")       # ... or a vchat_torch directory
@@ -6,7 +6,7 @@
     model = from_dsvc("tests/golden/vit-mmca", config)  # a reference pytorch_model.bin (compat "dsvc")
 
 Nothing here imports torch: safetensors files are read with safetensors.numpy and reference
-`pytorch_model.bin` files with convert.torch_jax.read_torch_bin. Restores can be sharded: pass
+`pytorch_model.bin` files with vchat.torch_pickle.read_torch_bin. Restores can be sharded: pass
 `mesh` and every parameter is placed with its NamedSharding (vchat_jax.sharding) as it is read.
 """
 
@@ -17,20 +17,20 @@ import os
 import jax
 from flax import nnx
 
-from vchat.config import CONFIG_NAME, ModelConfig, load_checkpoint_config
+from vchat.checkpoint_files import CONFIG_NAME, DSVC_WEIGHTS_NAME, PARAMS_DIR, WEIGHTS_NAME
+from vchat.config import ModelConfig, load_checkpoint_config
 from vchat.io import writing_dir
+from vchat.torch_pickle import read_torch_bin
 
 from .model import VisualChat
-
-PARAMS_DIR = "params"  # orbax
-TORCH_WEIGHTS = "model.safetensors"  # vchat_torch's save_pretrained
-DSVC_WEIGHTS = "pytorch_model.bin"  # the reference's training script
+from .state_dict import load_state_dict
 
 
-def save_pretrained(model: VisualChat, path: str, extra_files: dict | None = None) -> None:
-    """Write `config.json` and `params/` (orbax, every parameter), and `extra_files` ({name: text},
-    e.g. tokenizer.json), atomically: into a temporary sibling, then renamed into place (replacing an
-    existing directory)."""
+def save_pretrained(model: VisualChat, path: str, trainable_only: bool = False,
+                    extra_files: dict | None = None) -> None:
+    """Write `config.json` and `params/` (orbax: every parameter, or only those of `model.trainable_parts`),
+    and `extra_files` ({name: text}, e.g. tokenizer.json), atomically: into a temporary sibling, then
+    renamed into place (replacing an existing directory)."""
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(path)
@@ -38,7 +38,10 @@ def save_pretrained(model: VisualChat, path: str, extra_files: dict | None = Non
     with writing_dir(path) as tmp:
         model.config.save(os.path.join(tmp, CONFIG_NAME))
         ckpt = ocp.StandardCheckpointer()
-        ckpt.save(os.path.join(tmp, PARAMS_DIR), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        if trainable_only:
+            params = {k: v for k, v in params.items() if k in model.trainable_parts}
+        ckpt.save(os.path.join(tmp, PARAMS_DIR), params, custom_metadata={"trainable_only": trainable_only})
         ckpt.wait_until_finished()
         for name, text in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w") as f:
@@ -63,35 +66,41 @@ def _abstract(config: ModelConfig, mesh=None) -> dict:
     return target
 
 
-def from_pretrained(path: str, compat: str | None = None, mesh=None) -> VisualChat:
-    """Load a vchat directory: orbax `params/` (vchat_jax) or `model.safetensors` (vchat_torch, full)."""
+def from_pretrained(path: str, base: str | None = None, compat: str | None = None, mesh=None) -> VisualChat:
+    """Load a vchat directory: orbax `params/` (vchat_jax) or `model.safetensors` (vchat_torch, full). A
+    trainable-only checkpoint needs `base`, a full one to start from (a vchat directory or a reference
+    checkpoint), as vchat_torch's."""
     config = load_checkpoint_config(path, compat)
     model = VisualChat(config, nnx.Rngs(0))
     if os.path.isdir(os.path.join(path, PARAMS_DIR)):
         import orbax.checkpoint as ocp
 
+        ckpt, params_dir = ocp.StandardCheckpointer(), os.path.abspath(os.path.join(path, PARAMS_DIR))
+        meta = ckpt.metadata(params_dir)
         target = _abstract(config, mesh)
-        restored = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), target)
+        if (meta.custom_metadata or {}).get("trainable_only"):
+            if base is None:
+                raise ValueError(f"{path} holds only the trainable parameters; pass base= a full checkpoint")
+            vchat_dir = os.path.exists(os.path.join(base, CONFIG_NAME))
+            model = from_pretrained(base, compat=compat, mesh=mesh) if vchat_dir else from_dsvc(base, config, mesh)
+            target = {k: v for k, v in target.items() if k in meta.item_metadata.tree}
+        restored = ckpt.restore(params_dir, target)
         state = nnx.state(model, nnx.Param)
         nnx.replace_by_pure_dict(state, restored)
         nnx.update(model, state)
         return model
-    if os.path.exists(os.path.join(path, TORCH_WEIGHTS)):
+    if os.path.exists(os.path.join(path, WEIGHTS_NAME)):
         from safetensors.numpy import load_file
 
-        from convert.torch_jax import load_state_dict
-
-        load_state_dict(model, load_file(os.path.join(path, TORCH_WEIGHTS)))
+        load_state_dict(model, load_file(os.path.join(path, WEIGHTS_NAME)))
         return _place(model, mesh)
-    raise FileNotFoundError(f"{path}: neither {PARAMS_DIR}/ (orbax) nor {TORCH_WEIGHTS}")
+    raise FileNotFoundError(f"{path}: neither {PARAMS_DIR}/ (orbax) nor {WEIGHTS_NAME}")
 
 
 def from_dsvc(path: str, config: ModelConfig, mesh=None) -> VisualChat:
     """A reference checkpoint (`pytorch_model.bin`, or a directory holding one), loaded strictly."""
-    from convert.torch_jax import load_state_dict, read_torch_bin
-
     if os.path.isdir(path):
-        path = os.path.join(path, DSVC_WEIGHTS)
+        path = os.path.join(path, DSVC_WEIGHTS_NAME)
     model = VisualChat(config, nnx.Rngs(0))
     load_state_dict(model, read_torch_bin(path))
     return _place(model, mesh)

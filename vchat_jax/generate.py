@@ -1,13 +1,13 @@
 """Generation with a preallocated KV cache: batched (left-padded), greedy or sampled.
 
 Mirrors vchat_torch/generate.py, which reproduces the reference's `generate` (transformers' generate
-over the spliced prompt embeddings). The prompt is spliced with no padding to 8 and positions
-`cumsum(mask > 0) - 1`; a batch of spliced prompts is re-aligned to the right (left padding), so every
-row's last prompt token sits at the same index. Step 0 runs the whole prompt (one jit-compiled prefill
-whose keys and values fill the first L slots of a cache of L + max_new_tokens); each later step feeds
-one token through a jit-compiled decode step whose shapes never change (the write index is traced),
-so nothing recompiles per token. compat "dsvc" embeds each generated token with the decoder's own
-`embed_tokens` (the reference's behaviour), "fixed" with `lang_embed`, as in training.
+over the spliced prompt embeddings). The prompt is planned with no padding to 8, positions
+`cumsum(mask > 0) - 1` and `pad_side="left"` (vchat/splice.py), so every row's last prompt token sits at
+the same index. Step 0 runs the whole prompt (one jit-compiled prefill that writes the first L slots of a
+`KVCache` of L + max_new_tokens); each later step feeds one token through a jit-compiled decode step whose
+shapes never change (the write index is traced), so nothing recompiles per token. compat "dsvc" embeds
+each generated token with the decoder's own `embed_tokens` (the reference's behaviour), "fixed" with
+`lang_embed`, as in training.
 """
 
 from __future__ import annotations
@@ -20,31 +20,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vchat.splice import SplicePlan, positions_from_modality
+from vchat.splice import SplicePlan, check_image_count
+
+from .model import KVCache
 
 
 @dataclass
 class GenerateOutput:
     ids: np.ndarray  # (B, n) generated tokens (pad after EOS)
     step_logits: np.ndarray  # (B, n, V) last-position logits of every step
-    cache: object = None  # per layer (k, v), each (B, Hkv, L + max_new_tokens, hd)
+    cache: KVCache | None = None  # capacity L + max_new_tokens; L + n - 1 slots written
     modality: np.ndarray | None = None  # (B, L + n - 1) modality of every cached position
-
-
-def right_align(p: SplicePlan, pad_id: int) -> SplicePlan:
-    """Shift each row of a right-padded plan so that its last token sits at index L - 1."""
-    L = p.shape[1]
-
-    def roll(a, fill):
-        out = np.full_like(a, fill)
-        for b, n in enumerate(p.lengths):
-            out[b, L - n:] = a[b, :n]
-        return out
-
-    mod = roll(p.modality, 0)
-    return SplicePlan(ids=roll(p.ids, pad_id), image_index=roll(p.image_index, -1),
-                      modality=mod, labels=roll(p.labels, -100), position_ids=positions_from_modality(mod),
-                      lengths=p.lengths)
 
 
 def pick_next(logits: jax.Array, key, do_sample: bool, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -64,56 +50,51 @@ def pick_next(logits: jax.Array, key, do_sample: bool, temperature: float, top_k
     return jax.random.categorical(key, logits, axis=-1)
 
 
-@partial(jax.jit, static_argnums=(0, 7))
-def _prefill(graphdef, state, images, ids, image_index, modality, position_ids, cache_len: int):
-    """Run the prompt; return last-position logits (B, V) and the cache padded to cache_len slots."""
+def sampling_key(seed: int | None) -> jax.Array:
+    """The PRNG key of a `seed`; None draws a fresh seed (unseeded sampling, as torch's global generator)."""
+    return jax.random.key(int(np.random.SeedSequence().generate_state(1)[0]) if seed is None else seed)
+
+
+@partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
+def prefill(graphdef, state, plan: SplicePlan, images, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Write a planned chunk (its images spliced in) at the cache's index; last-position logits (B, V)."""
     model = nnx.merge(graphdef, state)
-    h = model.splice(images, ids, image_index)
-    logits, kv = model.lang_decoder(h, position_ids, modality)
-    pad = [(0, 0), (0, 0), (0, cache_len - ids.shape[1]), (0, 0)]
-    cache = [(jnp.pad(k, pad), jnp.pad(v, pad)) for k, v in kv]
+    feats = None if images is None else model.encode_images(images)
+    logits, cache = model.decode(model.splice(plan, feats), jnp.asarray(plan.modality),
+                                 jnp.asarray(plan.position_ids), cache)
     return logits[:, -1], cache
 
 
-@partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _decode(graphdef, state, cache, modality, tokens, index, positions):
-    """One token per row (B,) at cache slot `index` with positions (B,). Returns logits (B, V), cache, modality."""
+@partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
+def decode_token(graphdef, state, cache: KVCache, tokens, positions, lang_embed: bool) -> tuple[jax.Array, KVCache]:
+    """One text token per row (B,) at positions (B,), embedded with lang_embed (else the decoder's
+    embed_tokens) and written at the cache's index. Returns logits (B, V) and the cache."""
     model = nnx.merge(graphdef, state)
-    cfg = model.config
-    table = model.lang_decoder.model.embed_tokens if cfg.compat == "dsvc" else model.lang_embed
-    h = table(tokens[:, None])  # (B, 1, D)
-    modality = jax.lax.dynamic_update_slice_in_dim(modality, jnp.ones_like(modality[:, :1]), index, axis=1)
-    m_q = jax.lax.dynamic_slice_in_dim(modality, index, 1, axis=1)  # (B, 1)
-    logits, cache = model.lang_decoder(h, positions[:, None], m_q, cache, modality, index)
-    return logits[:, -1], cache, modality
+    table = model.lang_embed if lang_embed else model.lang_decoder.model.embed_tokens
+    logits, cache = model.decode(table(tokens[:, None]), jnp.ones_like(tokens)[:, None], positions[:, None], cache)
+    return logits[:, -1], cache
 
 
 def generate(model, images, input_ids, attention_mask=None, image_num=None, max_new_tokens: int = 128,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_token_id: int | None = None, seed: int = 0) -> GenerateOutput:
+             eos_token_id: int | None = None, seed: int | None = None) -> GenerateOutput:
     """input_ids: (B, T) prompts, left-padded (attention_mask 0 on the padding); images: every image of
-    the batch in sample order; image_num: images per sample (all images in one sample for B == 1).
-    Stops when every row has produced EOS or after max_new_tokens."""
+    the batch in sample order, or None; image_num: images per sample (default: each row's <image> count).
+    Sampling draws from `seed` (None: unseeded). Stops when every row has produced EOS or after
+    max_new_tokens."""
     cfg = model.config
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    ids = np.asarray(input_ids)
-    B = ids.shape[0]
-    n_images = 0 if images is None else int(np.shape(images)[0])
-    if image_num is None:
-        if B != 1 and n_images:
-            raise ValueError("image_num is required for a batch of several prompts")
-        image_num = [n_images]
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
-    p = right_align(model.plan(ids, attention_mask, image_num, pad_multiple=1, positions="cumsum"), cfg.pad_token_id)
-    L = p.shape[1]
+    p = model.plan(input_ids, attention_mask, image_num, pad_multiple=1, positions="cumsum", pad_side="left")
+    n_images = check_image_count(p, 0 if images is None else int(np.shape(images)[0]), cfg.image_tokens)
+    B, L = p.shape
     graphdef, state = nnx.split(model)
-    imgs = None if n_images == 0 else jnp.asarray(images, model.dtype)
-    logits, cache = _prefill(graphdef, state, imgs, jnp.asarray(p.ids), jnp.asarray(p.image_index),
-                             jnp.asarray(p.modality), jnp.asarray(p.position_ids), L + max_new_tokens)
-    modality = jnp.zeros((B, L + max_new_tokens), jnp.int32).at[:, :L].set(jnp.asarray(p.modality, jnp.int32))
-    pos = jnp.asarray(p.position_ids[:, -1] + 1)  # (B,) position of the first generated token
-    key = jax.random.key(seed)
+    imgs = jnp.asarray(images, model.dtype) if n_images else None
+    cache = KVCache.empty(cfg, B, L + max_new_tokens, model.dtype)
+    logits, cache = prefill(graphdef, state, p, imgs, cache)
+    pos = p.position_ids[:, -1] + 1  # (B,) position of the first generated token
+    key = sampling_key(seed)
     done = np.zeros(B, dtype=bool)
     out_ids, out_logits = [], []
     for t in range(max_new_tokens):
@@ -125,8 +106,8 @@ def generate(model, images, input_ids, attention_mask=None, image_num=None, max_
         done |= tok == eos
         if done.all() or t == max_new_tokens - 1:
             break
-        logits, cache, modality = _decode(graphdef, state, cache, modality, jnp.asarray(tok, jnp.int32),
-                                          jnp.int32(L + t), pos + t)
+        tokens, positions = jnp.asarray(tok, jnp.int32), jnp.asarray(pos + t, jnp.int32)
+        logits, cache = decode_token(graphdef, state, cache, tokens, positions, cfg.compat != "dsvc")
     n = len(out_ids)
     return GenerateOutput(ids=np.stack(out_ids, axis=1), step_logits=np.stack(out_logits, axis=1),
-                          cache=cache, modality=np.asarray(modality[:, :L + n - 1]))
+                          cache=cache, modality=np.asarray(cache.modality[:, :L + n - 1]))

@@ -5,7 +5,7 @@
     out = run_golden("tests/golden/qwen-mmca", {"data": 1, "fsdp": 2, "tensor": 4})  # on a mesh
 
 The CLI's `vchat check-logits --framework jax` calls `run_golden` and compares its arrays with the case's.
-The checkpoint is read without torch (convert.torch_jax.read_torch_bin) and loaded strictly.
+The checkpoint is read without torch (vchat.torch_pickle.read_torch_bin) and loaded strictly.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import os
 import jax
 import numpy as np
 
+from vchat.checkpoint_files import DSVC_META_NAME
 from vchat.config import ModelConfig
+from vchat.golden import load_case
 
 from .checkpoint import from_dsvc
 from .model import VisualChat
@@ -24,7 +26,7 @@ from .model import VisualChat
 
 def load_golden_model(case_dir: str, compat: str = "dsvc") -> VisualChat:
     """The case's reference checkpoint in vchat_jax (config from meta.json), loaded strictly."""
-    with open(os.path.join(case_dir, "meta.json")) as f:
+    with open(os.path.join(case_dir, DSVC_META_NAME)) as f:
         config = ModelConfig.from_dsvc_meta(json.load(f), compat=compat)
     return from_dsvc(case_dir, config)
 
@@ -37,26 +39,24 @@ def run_golden(case_dir: str, mesh: dict | None = None) -> dict:
     `mesh` maps mesh axis names (data, fsdp, tensor) to sizes; parameters and activations are then
     sharded by vchat_jax.sharding.
     """
-    model = load_golden_model(case_dir)
-    with np.load(os.path.join(case_dir, "case.npz")) as f:
-        z = {k: f[k] for k in f.files}
-    n_gen = int(z["gen_output_ids"].shape[1]) - 1
+    config, case = load_case(case_dir)
+    model = from_dsvc(case_dir, config)
     with jax.default_matmul_precision("highest"):  # float32 parity, also on accelerators
         if mesh is None:
-            return _run(model, z, n_gen)
+            return _run(model, case)
         from .sharding import make_mesh, shard_model
 
         m = make_mesh(mesh)
         with jax.set_mesh(m):
             shard_model(model, m)
-            return _run(model, z, n_gen)
+            return _run(model, case)
 
 
-def _run(model: VisualChat, z, n_gen: int) -> dict:
-    p = model.plan(z["input_ids"], z["attention_mask"], z["image_num"], z["labels"])
-    loss, logits = model(z["images"], z["input_ids"], z["attention_mask"], z["labels"], z["image_num"])
-    gen = model.generate(z["gen_images"], z["gen_input_ids"], max_new_tokens=n_gen)
-    return {"logits": np.asarray(logits, dtype=np.float32), "loss": float(loss),
-            "gen_ids": np.asarray(gen.ids[0], dtype=np.int64),
-            "step_logits": np.asarray(gen.step_logits[0], dtype=np.float32),
-            "modality": p.modality}
+def _run(model: VisualChat, case: dict) -> dict:
+    out = model(case["images"], case["input_ids"], case["attention_mask"], labels=case["labels"],
+                image_num=case["image_num"])
+    n_new = case["gen_output_ids"].shape[1] - 1
+    gen = model.generate(case["gen_images"], case["gen_input_ids"], max_new_tokens=n_new)
+    return {"logits": np.asarray(out.logits, dtype=np.float32), "loss": float(out.loss),
+            "modality": np.asarray(out.modality), "gen_ids": np.asarray(gen.ids[0], dtype=np.int64),
+            "step_logits": np.asarray(gen.step_logits[0], dtype=np.float32)}

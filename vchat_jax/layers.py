@@ -3,7 +3,7 @@
 Every parameter carries its logical axis names as metadata (`logical_axes`), in the order of the
 JAX array; `sharding.py` maps them to mesh axes from outside, so nothing here names a mesh axis.
 Flax's layouts are used throughout (Linear kernel (in, out), Conv kernel HWIO, Embed (vocab, dim),
-LayerNorm `scale`/`bias`); `convert/param_map.py` holds the transposes to the torch layouts.
+LayerNorm `scale`/`bias`); `vchat/param_map.py` holds the transposes to the torch layouts.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from flax import nnx
 from .sharding import constrain  # noqa: F401  (re-exported: model code names logical axes only)
 
 
-def linear(d_in: int, d_out: int, axes: tuple[str, str], rngs: nnx.Rngs, bias: bool = True) -> nnx.Linear:
-    """nnx.Linear whose kernel (d_in, d_out) is named `axes` and bias (d_out,) `axes[1:]`."""
+def linear(d_in: int, d_out: int, axes: tuple[str, str], rngs: nnx.Rngs, bias: bool = True,
+           std: float = 0.02) -> nnx.Linear:
+    """nnx.Linear whose kernel (d_in, d_out), drawn from normal(std), is named `axes` and bias (d_out,) `axes[1:]`."""
     return nnx.Linear(d_in, d_out, use_bias=bias, rngs=rngs,
-                      kernel_init=nnx.initializers.normal(0.02),
+                      kernel_init=nnx.initializers.normal(std),
                       kernel_metadata={"logical_axes": axes}, bias_metadata={"logical_axes": axes[1:]})
 
 
@@ -30,8 +31,9 @@ def layer_norm(dim: int, eps: float, axis: str, rngs: nnx.Rngs) -> nnx.LayerNorm
                          scale_metadata={"logical_axes": (axis,)}, bias_metadata={"logical_axes": (axis,)})
 
 
-def embed(num: int, dim: int, axes: tuple[str, str], rngs: nnx.Rngs) -> nnx.Embed:
-    return nnx.Embed(num, dim, rngs=rngs, embedding_init=nnx.initializers.normal(0.02),
+def embed(num: int, dim: int, axes: tuple[str, str], rngs: nnx.Rngs, std: float = 0.02) -> nnx.Embed:
+    """nnx.Embed whose table (num, dim), drawn from normal(std), is named `axes`."""
+    return nnx.Embed(num, dim, rngs=rngs, embedding_init=nnx.initializers.normal(std),
                      embedding_metadata={"logical_axes": axes})
 
 
@@ -48,7 +50,16 @@ def gelu(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=False)
 
 
-ACT = {"quick_gelu": quick_gelu, "gelu": gelu, "silu": jax.nn.silu, "gelu_pytorch_tanh": jax.nn.gelu}
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """The tanh approximation of GELU (transformers' gelu_new, gelu_pytorch_tanh, gelu_fast, gelu_accurate)."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+# transformers' ACT2FN for every name vchat.config.ACTIVATIONS accepts (tests check the table against ACT2FN)
+ACT = {"quick_gelu": quick_gelu, "gelu": gelu, "gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh,
+       "gelu_fast": gelu_tanh, "gelu_accurate": gelu_tanh, "silu": jax.nn.silu, "swish": jax.nn.silu,
+       "relu": jax.nn.relu, "relu2": lambda x: jnp.square(jax.nn.relu(x)), "relu6": jax.nn.relu6,
+       "sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh, "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x))}
 
 
 def sdpa(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:

@@ -3,29 +3,39 @@
 Mirrors vchat_torch/model.py (itself the reference's `DeepSpeedViLModel` on transformers' LLaMA):
 `vis_encoder` (frozen: its features are under stop_gradient), `projection`, `lang_embed` (a trained
 copy of the decoder's embedding table that embeds every prompt token) and `lang_decoder` (LlamaForCausalLM:
-`model.{embed_tokens, layers.N, norm}` and an untied `lm_head`). The parameter tree mirrors the torch
-state dict; convert/param_map.py names every leaf.
+`model.{embed_tokens, layers.N, norm}` and an `lm_head`, absent when `llm.tie_word_embeddings` makes the
+logits `h @ embed_tokens.T`). The parameter tree mirrors the torch state dict; vchat/param_map.py names
+every leaf. Decoder weights are drawn from normal(`llm.initializer_range`), as transformers' LLaMA.
 
-Order: RMSNorm, RoPE, attention, MLP, block, decoder, causal LM, the loss, VisualChat.
+The public API mirrors vchat_torch.VisualChat method for method (encode_images, plan, splice, decode,
+forward / __call__, generate, save_pretrained, from_pretrained; VisualChatOutput; forward_planned):
+docs/ARCHITECTURE.md lists it. Everything below `plan` is jit-able: a SplicePlan is a pytree here.
+
+Order: RMSNorm, RoPE, attention, MLP, block, decoder, causal LM, the KV cache, the loss, VisualChat.
 RMSNorm statistics, RoPE tables and the attention softmax run in float32.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from vchat.config import LLMConfig, ModelConfig
-from vchat.splice import IGNORE_INDEX, SplicePlan, order_for, plan_splice
+from vchat.splice import IGNORE_INDEX, SplicePlan, check_image_count, order_for, plan_splice
 
 from .attention import attention
-from .layers import constrain, embed, linear, param
+from .layers import ACT, constrain, embed, linear, param
 from .projection import build_projection
 from .vision import build_vision
 
-KVCache = list  # per layer: (k, v), each (B, Hkv, Lmax, hd)
+# A plan (numpy arrays, or traced ones inside jit) passes through jax.jit like any pytree.
+jax.tree_util.register_dataclass(SplicePlan, data_fields=[f.name for f in dataclasses.fields(SplicePlan)],
+                                 meta_fields=[])
 
 
 class LlamaRMSNorm(nnx.Module):
@@ -62,10 +72,11 @@ class LlamaAttention(nnx.Module):
         c = cfg.llm
         self.cfg = cfg
         self.num_heads, self.num_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_proj = linear(c.hidden_size, c.num_attention_heads * c.head_dim, ("embed", "heads"), rngs, bias=False)
-        self.k_proj = linear(c.hidden_size, c.num_key_value_heads * c.head_dim, ("embed", "kv_heads"), rngs, bias=False)
-        self.v_proj = linear(c.hidden_size, c.num_key_value_heads * c.head_dim, ("embed", "kv_heads"), rngs, bias=False)
-        self.o_proj = linear(c.num_attention_heads * c.head_dim, c.hidden_size, ("heads", "embed"), rngs, bias=False)
+        q, kv, std = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.initializer_range
+        self.q_proj = linear(c.hidden_size, q, ("embed", "heads"), rngs, bias=False, std=std)
+        self.k_proj = linear(c.hidden_size, kv, ("embed", "kv_heads"), rngs, bias=False, std=std)
+        self.v_proj = linear(c.hidden_size, kv, ("embed", "kv_heads"), rngs, bias=False, std=std)
+        self.o_proj = linear(q, c.hidden_size, ("heads", "embed"), rngs, bias=False, std=std)
 
     def __call__(self, x, cos, sin, m_q, cache=None, m_k=None, index=None):
         """x: (B, L, D). Prefill (cache None): keys are x itself, m_k = m_q. Decode: write k, v at
@@ -86,19 +97,21 @@ class LlamaAttention(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=2)
             v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=2)
             offset = index
-        y = attention(q, k, v, m_q, m_k, self.cfg.mmca, self.cfg.compat, q_offset=offset)  # (B, H, L, hd)
+        y = attention(q, k, v, m_q, m_k, self.cfg.mmca, self.cfg.compat, offset, self.cfg.attention)
         y = y.transpose(0, 2, 1, 3).reshape(B, L, self.num_heads * hd)  # (B, L, H*hd)
         return self.o_proj(y), (k, v)
 
 
 class LlamaMLP(nnx.Module):
     def __init__(self, c: LLMConfig, rngs: nnx.Rngs):
-        self.gate_proj = linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), rngs, bias=False)
-        self.up_proj = linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), rngs, bias=False)
-        self.down_proj = linear(c.intermediate_size, c.hidden_size, ("mlp", "embed"), rngs, bias=False)
+        D, F, std = c.hidden_size, c.intermediate_size, c.initializer_range
+        self.gate_proj = linear(D, F, ("embed", "mlp"), rngs, bias=False, std=std)
+        self.up_proj = linear(D, F, ("embed", "mlp"), rngs, bias=False, std=std)
+        self.down_proj = linear(F, D, ("mlp", "embed"), rngs, bias=False, std=std)
+        self.act = c.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), ("act_batch", "act_len", "act_mlp"))
+        h = constrain(ACT[self.act](self.gate_proj(x)) * self.up_proj(x), ("act_batch", "act_len", "act_mlp"))
         return self.down_proj(h)
 
 
@@ -119,13 +132,13 @@ class LlamaModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         c = cfg.llm
         self.cfg = cfg
-        self.embed_tokens = embed(c.vocab_size, c.hidden_size, ("vocab", "embed"), rngs)
+        self.embed_tokens = embed(c.vocab_size, c.hidden_size, ("vocab", "embed"), rngs, std=c.initializer_range)
         self.layers = nnx.List([LlamaDecoderLayer(cfg, rngs) for _ in range(c.num_hidden_layers)])
         self.norm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def __call__(self, h, position_ids, m_q, cache: KVCache | None = None, m_k=None, index=None):
+    def __call__(self, h, position_ids, m_q, cache: list | None = None, m_k=None, index=None):
         """h: (B, L, D) input embeddings; position_ids, m_q: (B, L). Returns the normed hidden states
-        (B, L, D) and the new cache (per layer (k, v))."""
+        (B, L, D) and the new cache (per layer (k, v), each (B, Hkv, Lmax, hd))."""
         cos, sin = rope_cos_sin(position_ids, self.cfg.llm.head_dim, self.cfg.llm.rope_theta)
         new_cache = []
         for i, layer in enumerate(self.layers):
@@ -137,12 +150,45 @@ class LlamaModel(nnx.Module):
 
 class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        c = cfg.llm
         self.model = LlamaModel(cfg, rngs)
-        self.lm_head = linear(cfg.llm.hidden_size, cfg.llm.vocab_size, ("embed", "vocab"), rngs, bias=False)
+        self.tied = c.tie_word_embeddings
+        if not self.tied:
+            self.lm_head = linear(c.hidden_size, c.vocab_size, ("embed", "vocab"), rngs, bias=False,
+                                  std=c.initializer_range)
 
     def __call__(self, h, position_ids, m_q, cache=None, m_k=None, index=None):
         h, new_cache = self.model(h, position_ids, m_q, cache, m_k, index)
-        return constrain(self.lm_head(h), ("act_batch", "act_len", "act_vocab")), new_cache  # (B, L, V)
+        logits = self.model.embed_tokens.attend(h) if self.tied else self.lm_head(h)  # (B, L, V)
+        return constrain(logits, ("act_batch", "act_len", "act_vocab")), new_cache
+
+
+@struct.dataclass
+class KVCache:
+    """The decoder's preallocated cache: per layer (k, v), each (B, Hkv, capacity, hd); the modality of
+    every slot (B, capacity), 0 where nothing is written yet; `index`, the number of slots written."""
+
+    layers: list
+    modality: jax.Array
+    index: jax.Array  # int32 scalar: traced, so a decode step compiles once per capacity
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, capacity: int, dtype) -> "KVCache":
+        c = config.llm
+        shape = (batch, c.num_key_value_heads, capacity, c.head_dim)
+        layers = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_hidden_layers)]
+        return cls(layers, jnp.zeros((batch, capacity), jnp.int32), jnp.int32(0))
+
+    @property
+    def capacity(self) -> int:
+        return self.modality.shape[1]
+
+    def grow(self, capacity: int) -> "KVCache":
+        """The same cache with room for `capacity` slots (never fewer than it has)."""
+        extra = max(0, capacity - self.capacity)
+        pad = [(0, 0), (0, 0), (0, extra), (0, 0)]
+        layers = [(jnp.pad(k, pad), jnp.pad(v, pad)) for k, v in self.layers]
+        return self.replace(layers=layers, modality=jnp.pad(self.modality, [(0, 0), (0, extra)]))
 
 
 def visualchat_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -158,7 +204,19 @@ def visualchat_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(keep, nll, 0.0)) / jnp.sum(keep)
 
 
+@struct.dataclass
+class VisualChatOutput:
+    loss: jax.Array | None  # scalar, when labels were given
+    logits: jax.Array  # (B, L, V)
+    modality: jax.Array  # (B, L): 0 padding, 1 text, 2 image
+    labels: jax.Array  # (B, L) spliced labels
+
+
 class VisualChat(nnx.Module):
+    # The parts `save_pretrained(trainable_only=True)` writes (vchat_torch: the parameters with requires_grad);
+    # a trainer that trains other parts sets this.
+    trainable_parts: tuple[str, ...] = ("lang_embed", "projection")
+
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         self.config = config
         self.vis_encoder = build_vision(config.vision, rngs)
@@ -166,41 +224,6 @@ class VisualChat(nnx.Module):
         self.lang_decoder = LlamaForCausalLM(config, rngs)
         self.lang_embed = embed(config.llm.vocab_size, config.llm.hidden_size, ("vocab", "embed"), rngs)
         self.lang_embed.embedding[...] = self.lang_decoder.model.embed_tokens.embedding[...]
-
-    # -- pure array code (jit-able) ----------------------------------------------------------------
-    def encode_images(self, images: jax.Array) -> jax.Array:
-        """(N, C, H, W) -> projected image tokens (N, image_tokens, hidden)."""
-        feats = jax.lax.stop_gradient(self.vis_encoder(images))  # the tower is frozen, as in the reference
-        return self.projection(feats)
-
-    def splice(self, images, ids, image_index) -> jax.Array:
-        """The decoder's input embeddings (B, L, D): projected image tokens at image slots, lang_embed elsewhere."""
-        h = self.lang_embed(ids)  # (B, L, D)
-        if images is None or images.shape[0] == 0:
-            return h
-        feats = self.encode_images(images)
-        flat = feats.reshape(-1, feats.shape[-1]).astype(h.dtype)  # (N * T, D)
-        img = jnp.take(flat, jnp.maximum(image_index, 0), axis=0)  # (B, L, D)
-        return jnp.where((image_index >= 0)[..., None], img, h)
-
-    def forward_spliced(self, images, ids, image_index, modality, position_ids, labels=None):
-        """Loss (or None) and logits (B, L, V) for a planned batch (vchat/splice.py)."""
-        h = self.splice(images, ids, image_index)
-        logits, _ = self.lang_decoder(h, position_ids, modality)
-        loss = visualchat_loss(logits, labels) if labels is not None else None
-        return loss, logits
-
-    # -- numpy front end ---------------------------------------------------------------------------
-    def plan(self, input_ids, attention_mask, image_num, labels=None, pad_multiple: int = 8,
-             positions: str = "arange") -> SplicePlan:
-        cfg = self.config
-        ids = np.asarray(input_ids)
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
-        if image_num is None:
-            image_num = [int((row == cfg.image_token_id).sum()) for row in ids]
-        return plan_splice(ids, mask, image_num, cfg.image_tokens, cfg.image_token_id, cfg.pad_token_id,
-                           labels=None if labels is None else np.asarray(labels), order=order_for(cfg.compat),
-                           pad_multiple=pad_multiple, positions=positions)
 
     @property
     def dtype(self):
@@ -218,36 +241,92 @@ class VisualChat(nnx.Module):
                 module.dtype = dtype
         return self
 
-    def __call__(self, images, input_ids, attention_mask=None, labels=None, image_num=None):
-        """images: (N, C, H, W), every image of the batch in sample order; input_ids, attention_mask,
-        labels: (B, T); image_num: images per sample. Returns (loss or None, logits (B, L, V)) over the
-        spliced sequence, right-padded to a multiple of 8 (the plan is `self.plan(...)`)."""
-        p = self.plan(input_ids, attention_mask, image_num, labels)
-        imgs = None if images is None or np.shape(images)[0] == 0 else jnp.asarray(images, self.dtype)
-        lab = None if labels is None else jnp.asarray(p.labels)
-        return _forward_jit(self, imgs, jnp.asarray(p.ids), jnp.asarray(p.image_index), jnp.asarray(p.modality),
-                            jnp.asarray(p.position_ids), lab)
+    # -- pieces (jit-able) -------------------------------------------------------------------------
+    def encode_images(self, images: jax.Array) -> jax.Array:
+        """(N, 3, H, W) pixels (cast to the model's dtype) -> (N, image_tokens, hidden) projected features."""
+        feats = jax.lax.stop_gradient(self.vis_encoder(jnp.asarray(images, self.dtype)))  # the tower is frozen
+        return self.projection(feats)
 
-    def generate(self, images, input_ids, attention_mask=None, image_num=None, **kw):
+    def plan(self, input_ids, attention_mask=None, image_num=None, labels=None, pad_multiple: int = 8,
+             positions: str = "arange", pad_side: str = "right") -> SplicePlan:
+        """The splice plan (numpy) of a batch; image_num defaults to each row's count of <image> tokens."""
+        cfg = self.config
+        ids = np.asarray(input_ids)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+        if image_num is None:
+            image_num = (ids == cfg.image_token_id).sum(axis=1)
+        return plan_splice(ids, mask, np.asarray(image_num), cfg.image_tokens, cfg.image_token_id, cfg.pad_token_id,
+                           None if labels is None else np.asarray(labels), order=order_for(cfg.compat),
+                           pad_multiple=pad_multiple, positions=positions, pad_side=pad_side)
+
+    def splice(self, plan: SplicePlan, feats: jax.Array | None) -> jax.Array:
+        """Embeddings (B, L, hidden): lang_embed for text and padding, image features at image slots."""
+        h = self.lang_embed(jnp.asarray(plan.ids))  # (B, L, D)
+        if feats is None or feats.shape[0] == 0:
+            return h
+        index = jnp.asarray(plan.image_index)
+        flat = feats.reshape(-1, feats.shape[-1]).astype(h.dtype)  # (N * T, D)
+        picked = jnp.take(flat, jnp.maximum(index, 0), axis=0)  # (B, L, D)
+        return jnp.where((index >= 0)[..., None], picked, h)
+
+    def decode(self, embeds, modality, position_ids, cache: KVCache | None = None,
+               m_keys=None) -> tuple[jax.Array, KVCache | None]:
+        """Run the decoder on embeddings (B, Lq, D) with the queries' modality and positions (B, Lq).
+        Without a cache the queries are the keys and no cache is returned; with one, their keys and
+        values are written at `cache.index` and every written slot is attended to. `m_keys`, the
+        modality of every cache slot after this write (B, capacity), defaults to the cache's record.
+        Returns logits (B, Lq, V) and the updated cache."""
+        if cache is None:
+            logits, _ = self.lang_decoder(embeds, position_ids, modality)
+            return logits, None
+        if m_keys is None:
+            m_keys = jax.lax.dynamic_update_slice_in_dim(cache.modality, modality.astype(cache.modality.dtype),
+                                                         cache.index, axis=1)
+        logits, layers = self.lang_decoder(embeds, position_ids, modality, cache.layers, m_keys, cache.index)
+        return logits, KVCache(layers, m_keys, cache.index + embeds.shape[1])
+
+    # -- the model ---------------------------------------------------------------------------------
+    def forward(self, images, input_ids, attention_mask=None, labels=None, image_num=None,
+                pad_multiple: int = 8) -> VisualChatOutput:
+        """images: (sum image_num, 3, H, W) in sample order, or None; input_ids, attention_mask, labels:
+        (B, T). Returns the loss (when labels are given) and logits over the spliced sequence."""
+        plan = self.plan(input_ids, attention_mask, image_num, labels, pad_multiple=pad_multiple)
+        nimg = check_image_count(plan, 0 if images is None else int(np.shape(images)[0]), self.config.image_tokens)
+        return _forward_jit(self, plan, jnp.asarray(images, self.dtype) if nimg else None, labels is not None)
+
+    __call__ = forward
+
+    # -- checkpoints and generation live beside the model --------------------------------------------
+    def generate(self, images, input_ids, attention_mask=None, image_num=None, **kwargs):
         """See vchat_jax.generate.generate."""
         from .generate import generate
 
-        return generate(self, images, input_ids, attention_mask=attention_mask, image_num=image_num, **kw)
+        return generate(self, images, input_ids, attention_mask=attention_mask, image_num=image_num, **kwargs)
 
-    def save_pretrained(self, path: str, extra_files: dict | None = None) -> None:
+    def save_pretrained(self, path: str, trainable_only: bool = False, extra_files: dict | None = None) -> None:
         """See vchat_jax.checkpoint.save_pretrained."""
         from .checkpoint import save_pretrained
 
-        save_pretrained(self, path, extra_files=extra_files)
+        save_pretrained(self, path, trainable_only=trainable_only, extra_files=extra_files)
 
     @classmethod
-    def from_pretrained(cls, path: str, **kw) -> "VisualChat":
+    def from_pretrained(cls, path: str, **kwargs) -> "VisualChat":
         """See vchat_jax.checkpoint.from_pretrained."""
         from .checkpoint import from_pretrained
 
-        return from_pretrained(path, **kw)
+        return from_pretrained(path, **kwargs)
 
 
-@nnx.jit
-def _forward_jit(model: VisualChat, images, ids, image_index, modality, position_ids, labels):
-    return model.forward_spliced(images, ids, image_index, modality, position_ids, labels)
+def forward_planned(model: VisualChat, plan: SplicePlan, images, with_loss: bool = True) -> VisualChatOutput:
+    """The forward pass of a planned batch (jit-able): images (N, 3, H, W) or None, features spliced by
+    `plan`; the loss when `with_loss`. `VisualChat.forward` is `plan` then this; trainers call it directly."""
+    feats = None if images is None or images.shape[0] == 0 else model.encode_images(images)
+    logits, _ = model.decode(model.splice(plan, feats), jnp.asarray(plan.modality), jnp.asarray(plan.position_ids))
+    labels = jnp.asarray(plan.labels)
+    loss = visualchat_loss(logits, labels) if with_loss else None
+    return VisualChatOutput(loss=loss, logits=logits, modality=jnp.asarray(plan.modality), labels=labels)
+
+
+@partial(nnx.jit, static_argnums=3)
+def _forward_jit(model: VisualChat, plan: SplicePlan, images, with_loss: bool) -> VisualChatOutput:
+    return forward_planned(model, plan, images, with_loss)

@@ -4,20 +4,20 @@ Mirrors vchat_torch/projection.py and the reference's `modeling_dsvl.build_proje
 - baseline: Linear + LayerNorm(eps 1e-12), an nn.Sequential (`projection.0`, `projection.1`);
 - vit: one more CLIP encoder layer over the tower's tokens, then Linear + LayerNorm;
 - perceiver: grid**2 learned queries cross-attend (nn.MultiheadAttention, hidden // 128 heads) to the
-  tower's patch tokens (CLS dropped), then LayerNorm + Linear. The key positions are the query table
-  resized (bicubic) to the tower's token count, CLS included, as the reference computes it.
+  tower's patch tokens (CLS dropped), then LayerNorm + Linear (vision.QueryPool, as Qwen's resampler).
+  The key positions are the query table resized (bicubic) to isqrt(token count): the reference counts
+  the CLS token, which gives the same side for a square patch grid.
 """
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from vchat.config import ModelConfig
 
-from .layers import layer_norm, linear, param
-from .vision import CLIPEncoderLayer, MultiheadAttention, resize_abs_pos, sincos_2d
+from .layers import layer_norm, linear
+from .vision import CLIPEncoderLayer, QueryPool
 
 
 def linear_norm(d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Sequential:
@@ -33,25 +33,16 @@ class VisProjectionViT(nnx.Module):
         return self.projection(self.vis_layer(x))  # (N, T, hidden)
 
 
-class VisProjectionPerceiver(nnx.Module):
+class VisProjectionPerceiver(QueryPool):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        dim, grid = cfg.llm.hidden_size, cfg.projection.perceiver_grid
-        self.pos_embed = param(jnp.asarray(sincos_2d(dim, grid)), (None, "embed"))
-        self.query = param(jax.random.truncated_normal(rngs.params(), -2, 2, (grid * grid, dim)) * 0.02,
-                           (None, "embed"))
-        self.kv_proj = linear(cfg.vision.out_dim, dim, ("vis_out", "embed"), rngs)
-        self.attn = MultiheadAttention(dim, dim // 128, rngs)
-        self.ln_q = layer_norm(dim, 1e-12, "embed", rngs)
-        self.ln_kv = layer_norm(dim, 1e-12, "embed", rngs)
+        dim = cfg.llm.hidden_size
+        super().__init__(dim, cfg.projection.perceiver_grid, cfg.vision.out_dim, 1e-12, rngs, kv_bias=True,
+                         kv_axis="vis_out")
         self.projection = nnx.Sequential(layer_norm(dim, 1e-12, "embed", rngs),
                                          linear(dim, dim, ("embed", "embed_out"), rngs))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        pos_k = resize_abs_pos(self.pos_embed[...], x.shape[1])  # sized from the token count, CLS included
-        x = self.ln_kv(self.kv_proj(x[:, 1:]))  # (N, P, D), CLS dropped
-        q = self.ln_q(self.query[...]) + self.pos_embed[...]  # (Q, D)
-        q = jnp.broadcast_to(q, (x.shape[0], *q.shape))  # (N, Q, D)
-        return self.projection(self.attn(q, x + pos_k, x))  # (N, Q, D)
+        return self.projection(self.pool(x[:, 1:]))  # (N, Q, D), CLS dropped
 
 
 def build_projection(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:

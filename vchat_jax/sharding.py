@@ -7,7 +7,7 @@ unless a mesh is set. This module owns the only mapping to mesh axes (MaxText's 
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})   # Auto axis types (jax.make_mesh's default
     with jax.set_mesh(mesh):                                #  in jax 0.10 is Explicit)
         shard_model(model, mesh)                            # parameters placed with NamedSharding
-        loss, logits = model(images, ids, mask, labels, image_num)   # jax.jit propagates the layout
+        out = model(images, ids, mask, labels, image_num)        # jax.jit propagates the layout
 
 A dimension that a mesh axis does not divide stays replicated (tiny test models, odd batch sizes),
 so any model runs on any mesh; the results do not depend on the mesh.
@@ -34,6 +34,22 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "act_batch": ("data", "fsdp"), "act_len": None, "act_embed": None, "act_heads": "tensor",
     "act_kv_heads": "tensor", "act_mlp": "tensor", "act_vocab": "tensor",
 }
+
+
+def parse_mesh(text: str | None) -> dict[str, int] | None:
+    """"data=2,fsdp=2,tensor=2" -> {"data": 2, "fsdp": 2, "tensor": 2} (the --mesh flags); None or ""
+    -> None (the caller's default). ValueError on an unknown axis or a size that is not a positive int."""
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        name, _, size = part.partition("=")
+        name, size = name.strip(), size.strip()
+        if name not in MESH_AXES or not size.isdigit() or int(size) < 1:
+            raise ValueError(f"bad mesh entry {part!r}: expected name=size pairs from {MESH_AXES}, "
+                             f"e.g. data=2,fsdp=2,tensor=2")
+        out[name] = int(size)
+    return out
 
 
 def make_mesh(shape: dict[str, int], devices=None) -> jax.sharding.Mesh:

@@ -1,13 +1,10 @@
-"""The sharded JAX training step: optax AdamW over the reference's parameter groups, orbax train states.
-
-Mirrors vchat_torch/train.py (the reference's `training/main.py`): AdamW with betas (0.9, 0.95) and
-eps 1e-6 over four groups, {decay, no decay} x {other, name contains "embed" (lr
-`learning_rate_pretraining_components`, 0 = the same lr)}, where "no decay" means the torch name
-contains "bias" or "LayerNorm.weight" (names come from convert/param_map.py, so the groups are the
-torch trainer's exactly); transformers' schedules (linear, cosine, constant, constant_with_warmup;
-warmup <= 1 is a ratio of the total steps, > 1 a count); gradient clipping by global norm 1.0. Only
-the trainable top-level parts are updated (`lang_embed` and `projection` by default, as the
-reference); the rest, and the fixed sin-cos `pos_embed` tables, pass through untouched.
+"""The JAX trainer behind `vchat train-jax`: the sharded training step (`Trainer`: one jax.jit over a
+device mesh, orbax train states) and the run around it (`TrainRun`: model, data, resume, loop, eval,
+export), the twin of vchat_torch/train.py. The optimizer is optim.py's (the reference's AdamW groups
+and schedules), the batches batches.py's, the flags vchat/train_args.py's shared ones and cli.py's,
+the log vchat/train_log.py's; the command's main is vchat_jax/cli.py:train_main. Only the trainable
+top-level parts are updated (`lang_embed` and `projection` by default, as the reference); the rest,
+and the fixed sin-cos `pos_embed` tables, pass through untouched.
 
     trainer = Trainer(model, OptimizerConfig(learning_rate=1e-3, total_steps=100), batch_size=8,
                       mesh=make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))   # or mesh=None: 1 device
@@ -37,9 +34,10 @@ Orbax saves and restores collectively: every process calls `save`/`restore` with
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Callable, Sequence
+import argparse
+import os
+import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,120 +46,24 @@ import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
+from vchat.checkpoint_files import TOKENIZER_NAME
 from vchat.config import ModelConfig
-from vchat.splice import order_for, plan_splice
+from vchat.data.pipeline import build_training_data
+from vchat.param_groups import check_parts, is_trainable
+from vchat.splice import SplicePlan
+from vchat.train_args import model_source, total_steps
+from vchat.train_log import appending_log, plot_losses, read_log
 
-from .model import VisualChat
-from .sharding import logical_to_spec, make_mesh, param_shardings
-
-SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
-TRAINABLE_PARTS = ("lang_embed", "projection", "lang_decoder", "vis_encoder")
-BETAS, EPS = (0.9, 0.95), 1e-6  # the reference's AdamW
-GROUPS = ("decay", "no_decay", "embed_decay", "embed_no_decay")  # vchat_torch.train.param_groups' order
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """The optimizer flags of `vchat train` (same names and defaults) plus the run's length."""
-
-    learning_rate: float = 1e-3
-    learning_rate_pretraining_components: float = 0.0  # lr of the "embed" groups; 0 = learning_rate
-    weight_decay: float = 0.0
-    lr_scheduler_type: str = "cosine"
-    num_warmup_steps: float = 0  # <= 1: a ratio of total_steps; > 1: a count
-    total_steps: int = 1
-    max_grad_norm: float = 1.0
-
-    def __post_init__(self):
-        if self.lr_scheduler_type not in SCHEDULES:
-            raise ValueError(f"lr_scheduler_type must be one of {SCHEDULES}, got {self.lr_scheduler_type!r}")
-        if self.total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
-
-    @property
-    def warmup_steps(self) -> int:
-        w = self.num_warmup_steps
-        return int(w * self.total_steps) if w <= 1 else int(w)
+from .batches import BATCH_KEYS, epoch_batches, plan_batch
+from .model import VisualChat, forward_planned
+from .optim import OptimizerConfig, lr_lambda, make_optimizer
+from .sharding import logical_to_spec, make_mesh, param_shardings, parse_mesh
 
 
-# -- schedule and optimizer --------------------------------------------------------------------------
-def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[jax.Array], jax.Array]:
-    """transformers' LambdaLR multipliers (`get_scheduler(kind, ...)`) as a jit-able function of the
-    number of optimizer steps taken so far (step 0 uses lambda(0): 0 under warmup, as in torch)."""
-
-    def f(count):
-        step = jnp.asarray(count, jnp.float32)
-        warm = step / max(1, warmup)
-        if kind == "constant":
-            return jnp.ones_like(step)
-        if kind == "constant_with_warmup":
-            after = jnp.ones_like(step)
-        elif kind == "linear":
-            after = jnp.maximum(0.0, (total - step) / max(1, total - warmup))
-        elif kind == "cosine":  # num_cycles 0.5
-            progress = (step - warmup) / max(1, total - warmup)
-            after = jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
-        else:
-            raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULES}")
-        return jnp.where(step < warmup, warm, after)
-
-    return f
-
-
-def torch_names(config: ModelConfig) -> dict[tuple, str]:
-    """JAX parameter path -> the torch (and reference) state-dict key, from convert/param_map.py."""
-    from convert.param_map import expand
-
-    return {e.jax: e.torch for e in expand(config)}
-
-
-def group_of(name: str) -> str:
-    """vchat_torch.train.param_groups' rule on a torch parameter name."""
-    no_decay = "bias" in name or "LayerNorm.weight" in name
-    return GROUPS[2 * ("embed" in name) + no_decay]
-
-
-def param_labels(params: dict, config: ModelConfig) -> dict:
-    """The group label (one of GROUPS) of every leaf of a pure params dict."""
-    names = torch_names(config)
-
-    def label(path, _):
-        key = _path(path)
-        return group_of(names.get(key, ".".join(map(str, key))))
-
-    return jax.tree_util.tree_map_with_path(label, params)
-
-
-def make_optimizer(params: dict, config: ModelConfig, opt: OptimizerConfig) -> optax.GradientTransformation:
-    """Global-norm clipping, then one optax.adamw per non-empty group (its lr and weight decay), each
-    under the same schedule multiplier, as torch's LambdaLR scales every group's base lr."""
-    lam = lr_lambda(opt.lr_scheduler_type, opt.warmup_steps, opt.total_steps)
-    lr_small = opt.learning_rate_pretraining_components or opt.learning_rate
-    spec = {"decay": (opt.weight_decay, opt.learning_rate), "no_decay": (0.0, opt.learning_rate),
-            "embed_decay": (opt.weight_decay, lr_small), "embed_no_decay": (0.0, lr_small)}
-    labels = param_labels(params, config)
-    used = sorted(set(jax.tree.leaves(labels)), key=GROUPS.index)
-
-    def adamw(wd, lr):
-        return optax.adamw(lambda count: lr * lam(count), b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=wd)
-
-    return optax.chain(optax.clip_by_global_norm(opt.max_grad_norm),
-                       optax.multi_transform({g: adamw(*spec[g]) for g in used}, labels))
-
-
-# -- which parameters train ----------------------------------------------------------------------------
 def trainable_filter(parts: Sequence[str]):
     """An NNX filter: the Params under the named top-level parts, except the fixed sin-cos `pos_embed`."""
-    bad = [p for p in parts if p not in TRAINABLE_PARTS]
-    if bad or not parts:
-        raise ValueError(f"trainable parts must come from {TRAINABLE_PARTS}, got {list(parts)}")
-    parts = tuple(parts)
-    return nnx.All(nnx.Param, lambda path, _: path[0] in parts and path[-1] != "pos_embed")
-
-
-def _path(keypath) -> tuple:
-    """A jax key path of a pure dict -> the NNX state path (strings and list indices)."""
-    return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in keypath)
+    parts = check_parts(parts)
+    return nnx.All(nnx.Param, lambda path, _: is_trainable(path, parts))
 
 
 def _trailing_dict_path(keypath) -> tuple:
@@ -171,42 +73,6 @@ def _trailing_dict_path(keypath) -> tuple:
             break
         out.append(k.key)
     return tuple(reversed(out))
-
-
-# -- batches ---------------------------------------------------------------------------------------------
-BATCH_KEYS = ("images", "ids", "image_index", "modality", "position_ids", "labels")
-
-
-def plan_batch(config: ModelConfig, batch, seq_multiple: int = 64, seq_len: int | None = None,
-               images_per_sample: int | None = None) -> dict[str, np.ndarray]:
-    """A collated `vchat.data.Batch` -> the model's planned arrays (vchat/splice.py), padded.
-
-    The spliced length L rounds up to a multiple of `seq_multiple` (or is `seq_len`, fixed); the images
-    (N, 3, H, W) are padded with zero images to B * `images_per_sample` (fixed) or else to B times the
-    next power of two of ceil(N / B), so N is a multiple of the batch size. Padding images are never
-    referenced by `image_index`; padding positions have modality 0 and label -100."""
-    a = batch.arrays() if hasattr(batch, "arrays") else batch
-    ids = np.asarray(a["input_ids"])
-    B = ids.shape[0]
-    p = plan_splice(ids, np.asarray(a["attention_mask"]), np.asarray(a["image_num"]), config.image_tokens,
-                    config.image_token_id, config.pad_token_id, labels=np.asarray(a["labels"]),
-                    order=order_for(config.compat), pad_multiple=seq_len or seq_multiple)
-    if seq_len is not None and p.ids.shape[1] != seq_len:
-        raise ValueError(f"a batch spliced to {p.ids.shape[1]} positions does not fit seq_len {seq_len}")
-    images = np.asarray(a["images"], np.float32)
-    n = images.shape[0]
-    if images_per_sample is not None:
-        if n > B * images_per_sample:
-            raise ValueError(f"{n} images exceed {images_per_sample} per sample x batch {B}")
-        n_pad = B * images_per_sample
-    else:
-        n_pad = B * (1 << max(0, math.ceil(max(n, 1) / B) - 1).bit_length())
-    c = config.vision
-    full = np.zeros((n_pad, c.num_channels, c.image_size, c.image_size), np.float32)
-    full[:n] = images
-    return {"images": full, "ids": p.ids.astype(np.int32), "image_index": p.image_index.astype(np.int32),
-            "modality": p.modality.astype(np.int32), "position_ids": p.position_ids.astype(np.int32),
-            "labels": p.labels.astype(np.int32)}
 
 
 # -- the train state -------------------------------------------------------------------------------------
@@ -270,9 +136,9 @@ class Trainer:
     def loss_fn(self, params: dict, frozen: dict, batch: dict) -> jax.Array:
         """The model's loss on a planned batch (plan_batch), as a function of the trainable params."""
         model = nnx.merge(self.graphdef, params, frozen)
-        loss, _ = model.forward_spliced(batch["images"], batch["ids"], batch["image_index"], batch["modality"],
-                                        batch["position_ids"], batch["labels"])
-        return loss
+        plan = SplicePlan(ids=batch["ids"], image_index=batch["image_index"], modality=batch["modality"],
+                          labels=batch["labels"], position_ids=batch["position_ids"], lengths=None)
+        return forward_planned(model, plan, batch["images"]).loss
 
     def _train_step(self, params, opt_state, step, frozen, batch):
         loss, grads = jax.value_and_grad(self.loss_fn)(params, frozen, batch)
@@ -372,3 +238,121 @@ def latest_step(directory: str) -> int | None:
         return None
     with ocp.CheckpointManager(os.path.abspath(directory)) as mgr:
         return mgr.latest_step()
+
+
+def build_model(args: argparse.Namespace, mesh: jax.sharding.Mesh) -> VisualChat:
+    """The model to train (vchat/train_args.py:model_source): a checkpoint loaded onto `mesh`, or a new
+    model seeded with --seed."""
+    src = model_source(args)
+    if isinstance(src, str):
+        from .checkpoint import from_pretrained
+
+        return from_pretrained(src, compat=args.compat, mesh=mesh)
+    return VisualChat(src, nnx.Rngs(args.seed))
+
+
+class TrainRun:
+    """One run of `vchat train-jax` on this process (the twin of vchat_torch/train.py's Trainer):
+
+        run = TrainRun(args)   # mesh, model, data, Trainer
+        run.train()            # resumes from output_dir/state if it holds a step, then runs to the end
+    """
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.lead = args, jax.process_index() == 0
+        self.rank, self.world = jax.process_index(), jax.process_count()
+        shape = parse_mesh(args.mesh) or {"data": len(jax.devices())}
+        try:
+            mesh = make_mesh(shape)
+        except ValueError as e:
+            raise SystemExit(f"--mesh: {e}") from None
+        dp = shape.get("data", 1) * shape.get("fsdp", 1)
+        self.global_batch = args.per_device_train_batch_size * dp
+        if self.global_batch % self.world:
+            raise SystemExit(f"the global batch {self.global_batch} does not split over {self.world} processes")
+        self.local_batch = self.global_batch // self.world
+        model = build_model(args, mesh)
+        self.train_data, self.eval_data, self.tokenizer_json = build_training_data(args, model.config,
+                                                                                   verbose=not args.quiet)
+        self.steps_per_epoch = len(self.train_data) // self.global_batch
+        if self.steps_per_epoch < 1:
+            raise SystemExit(f"{len(self.train_data)} training samples make no batch of {self.global_batch} "
+                             f"({args.per_device_train_batch_size} per device x {dp} data-parallel shards)")
+        self.total_steps = total_steps(args.num_train_epochs, self.steps_per_epoch, args.max_steps)
+        opt = OptimizerConfig(learning_rate=args.learning_rate,
+                              learning_rate_pretraining_components=args.learning_rate_pretraining_components,
+                              weight_decay=args.weight_decay, lr_scheduler_type=args.lr_scheduler_type,
+                              num_warmup_steps=args.num_warmup_steps, total_steps=self.total_steps)
+        fixed = {}
+        if self.world > 1:  # every process must pad to the same shapes
+            fixed = dict(seq_len=-(-args.max_seq_len // 64) * 64, images_per_sample=args.max_num_image_per_sample)
+        self.trainer = Trainer(model, opt, self.global_batch, trainable=args.trainable, mesh=mesh, **fixed)
+        self.state_dir = os.path.join(args.output_dir, "state")
+
+    def say(self, msg: str) -> None:
+        if self.lead:
+            print(msg, flush=True)
+
+    def maybe_resume(self) -> TrainState:
+        """The latest saved train state under output_dir/state, or a fresh one."""
+        if latest_step(self.state_dir) is None:
+            return self.trainer.init_state()
+        state = self.trainer.restore(self.state_dir)
+        self.say(f"[train-jax] resumed from {self.state_dir} at step {int(state.step)}")
+        return state
+
+    def evaluate(self, state: TrainState) -> float | None:
+        """Mean loss over the full evaluation batches (None if the eval split makes none)."""
+        losses = [float(self.trainer.eval_loss(state, b))
+                  for b in epoch_batches(self.eval_data, self.local_batch, self.args.seed, 0, self.rank, self.world)]
+        return float(sum(losses) / len(losses)) if losses else None
+
+    def export(self, state: TrainState) -> str:
+        """The vchat_jax checkpoint output_dir/final (config.json, params/, tokenizer.json)."""
+        final = os.path.join(self.args.output_dir, "final")
+        self.trainer.model(state).save_pretrained(final, extra_files={TOKENIZER_NAME: self.tokenizer_json})
+        return final
+
+    def train(self) -> None:
+        args, trainer, total = self.args, self.trainer, self.total_steps
+        state = self.maybe_resume()
+        n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+        self.say(f"[train-jax] mesh {dict(trainer.mesh.shape)} on {len(jax.devices())} {jax.devices()[0].platform} "
+                 f"device(s), {self.world} process(es); {n_train:,} trainable parameters ({', '.join(args.trainable)}); "
+                 f"{len(self.train_data)} train / {len(self.eval_data)} eval samples; global batch "
+                 f"{self.global_batch}; {self.steps_per_epoch} steps per epoch, {total} in all")
+        log_every = args.log_every or max(1, total // 20)
+        started, step = time.perf_counter(), int(state.step)
+        t0, tokens = time.perf_counter(), 0
+        with appending_log(args.output_dir, enabled=self.lead) as append:
+            while step < total:
+                epoch, skip = divmod(step, self.steps_per_epoch)
+                ran = 0
+                for batch in epoch_batches(self.train_data, self.local_batch, args.seed, epoch, self.rank, self.world,
+                                           skip):
+                    state, m = trainer.step(state, batch)
+                    step, ran = step + 1, ran + 1
+                    tokens += int(np.asarray(batch.attention_mask).sum())
+                    if step % log_every == 0 or step == total:
+                        row = {"step": step, "epoch": epoch, **{k: float(v) for k, v in m.items()}}
+                        row["tokens_per_s"] = tokens * self.world / max(time.perf_counter() - t0, 1e-9)
+                        append(row)
+                        if not args.quiet:
+                            self.say(f"[train-jax] step {step}/{total} epoch {epoch} loss {row['loss']:.4f} "
+                                     f"lr {row['lr']:.3g} grad_norm {row['grad_norm']:.3f} "
+                                     f"{row['tokens_per_s']:.0f} text tokens/s")
+                        t0, tokens = time.perf_counter(), 0
+                    if args.save_every and step % args.save_every == 0 and step < total:
+                        trainer.save(state, self.state_dir, keep=2)
+                    if step >= total:
+                        break
+                if ran == 0:
+                    raise SystemExit(f"epoch {epoch} yielded no batch (the length budget drops the samples?)")
+        eval_loss = self.evaluate(state)
+        path = trainer.save(state, self.state_dir, keep=2)
+        final = self.export(state)
+        if self.lead:
+            plot_losses(read_log(args.output_dir), args.output_dir)
+        shown = "n/a (no eval batch)" if eval_loss is None else f"{eval_loss:.4f}"
+        self.say(f"[train-jax] {step} steps ({time.perf_counter() - started:.1f}s this run); eval loss {shown}; "
+                 f"train state {path}; model {final}")

@@ -5,57 +5,24 @@ and returns `last_hidden_state`, i.e. the encoder output BEFORE `post_layernorm`
 parameter so checkpoints round-trip, but not applied), as the reference does. The Qwen tower follows
 the reference's `third_party_model/qwen_clip/qwen_clip.py`: per-head [q|k|v] packing of `in_proj`,
 exact GELU, LayerNorm eps 1e-6, a positional table resized by bicubic interpolation (a fixed matrix,
-see `bicubic_matrix`), and a resampler (one nn.MultiheadAttention of learned queries).
+vchat/vision_math.py's `bicubic_matrix`), and a resampler (`QueryPool`: one nn.MultiheadAttention of
+learned queries, shared with the perceiver projection).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from vchat.config import VisionConfig
+from vchat.vision_math import resize_matrix, sincos_2d
 
 from .layers import ACT, constrain, embed, layer_norm, linear, param, sdpa
 
-# -- fixed tables, computed once in numpy ------------------------------------------------------------
-
-
-def _cubic_weights(t: float, A: float) -> list[float]:
-    """The four taps of torch's bicubic kernel at fractional offset t (upsample_bicubic2d, A = -0.75)."""
-    def near(x):  # |x| <= 1
-        return ((A + 2) * x - (A + 3)) * x * x + 1
-
-    def far(x):  # 1 < |x| < 2
-        return ((A * x - 5 * A) * x + 8 * A) * x - 4 * A
-
-    return [far(t + 1), near(t), near(1 - t), far(2 - t)]
-
-
-@functools.lru_cache(maxsize=None)
-def bicubic_matrix(src: int, tgt: int) -> np.ndarray:
-    """(tgt, src) float64 matrix R with R @ x == F.interpolate(x, tgt, mode="bicubic", align_corners=False)
-    along one axis: source index (i + 0.5) * src / tgt - 0.5, four taps clamped to the border. Exact for
-    float64 inputs; torch's float32 kernel rounds its taps and sums to float32 (a few ulps)."""
-    R = np.zeros((tgt, src), dtype=np.float64)
-    for i in range(tgt):
-        x = (i + 0.5) * src / tgt - 0.5
-        x0 = math.floor(x)
-        for j, w in enumerate(_cubic_weights(x - x0, -0.75)):
-            R[i, min(max(x0 - 1 + j, 0), src - 1)] += w
-    return R
-
-
-@functools.lru_cache(maxsize=None)
-def resize_matrix(src_len: int, tgt_len: int) -> np.ndarray:
-    """(tgt_len, src_len) float32 matrix resizing a (side x side, C) table, rows row-major over the grid."""
-    s, t = int(math.sqrt(src_len)), int(math.sqrt(tgt_len))
-    R = bicubic_matrix(s, t)
-    return np.kron(R, R).astype(np.float32)  # (t*t, s*s): out[(i, j)] = sum R[i, a] R[j, b] x[(a, b)]
+# -- position tables ---------------------------------------------------------------------------------
 
 
 def resize_abs_pos(pos: jax.Array, tgt_len: int) -> jax.Array:
@@ -64,18 +31,6 @@ def resize_abs_pos(pos: jax.Array, tgt_len: int) -> jax.Array:
     if s == t:
         return pos
     return jnp.asarray(resize_matrix(pos.shape[0], tgt_len)) @ pos.astype(jnp.float32)  # (T*T, C)
-
-
-def sincos_2d(dim: int, grid: int) -> np.ndarray:
-    """MAE's 2-D sin-cos table (grid*grid, dim), float32: [sin h | cos h | sin w | cos w] halves."""
-    def one_d(d, pos):
-        omega = np.arange(d // 2, dtype=np.float32) / (d / 2.0)
-        omega = 1.0 / 10000**omega  # (d/2,)
-        out = np.einsum("m,d->md", pos.reshape(-1), omega)  # (M, d/2)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    gw, gh = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
-    return np.concatenate([one_d(dim // 2, gw), one_d(dim // 2, gh)], axis=1).astype(np.float32)
 
 
 # -- CLIP (transformers' CLIPVisionModel) ---------------------------------------------------------------
@@ -244,26 +199,40 @@ class MultiheadAttention(nnx.Module):
         return self.out_proj(y.transpose(0, 2, 1, 3).reshape(q.shape[0], q.shape[1], D))
 
 
-class Resampler(nnx.Module):
-    """Learned queries (with 2-D sin-cos positions) cross-attending once to the ViT tokens."""
+class QueryPool(nnx.Module):
+    """Learned queries (with 2-D sin-cos positions) cross-attending once to a token sequence: the pooling
+    of Qwen-VL's resampler and of the perceiver projection. Subclasses keep its parameter names
+    (`pos_embed`, `query`, `kv_proj`, `attn`, `ln_q`, `ln_kv`) at their own level, as the reference's.
+    `kv_proj` is a Linear with bias when `kv_bias`, else a bias-free Linear only when the widths differ."""
 
-    def __init__(self, cfg: VisionConfig, rngs: nnx.Rngs):
-        dim, grid = cfg.output_dim, int(math.sqrt(cfg.n_queries))
+    def __init__(self, dim: int, grid: int, kv_dim: int, eps: float, rngs: nnx.Rngs, kv_bias: bool = False,
+                 kv_axis: str = "vis_embed"):
         self.pos_embed = param(jnp.asarray(sincos_2d(dim, grid)), (None, "embed"))
-        self.query = param(jax.random.truncated_normal(rngs.params(), -2, 2, (cfg.n_queries, dim)) * 0.02,
+        self.query = param(jax.random.truncated_normal(rngs.params(), -2, 2, (grid * grid, dim)) * 0.02,
                            (None, "embed"))
-        self.kv_proj = linear(cfg.hidden_size, dim, ("vis_embed", "embed"), rngs, bias=False) \
-            if cfg.hidden_size != dim else None
+        self.kv_proj = linear(kv_dim, dim, (kv_axis, "embed"), rngs, bias=kv_bias) \
+            if kv_bias or kv_dim != dim else None
         self.attn = MultiheadAttention(dim, dim // 128, rngs)
-        self.ln_q = layer_norm(dim, cfg.layer_norm_eps, "embed", rngs)
-        self.ln_kv = layer_norm(dim, cfg.layer_norm_eps, "embed", rngs)
+        self.ln_q = layer_norm(dim, eps, "embed", rngs)
+        self.ln_kv = layer_norm(dim, eps, "embed", rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def pool(self, x: jax.Array) -> jax.Array:
+        """(N, L, kv_dim) -> (N, Q, D); the key positions are the query table resized to isqrt(L) squared."""
         pos_k = resize_abs_pos(self.pos_embed[...], x.shape[1])  # (L, D)
         x = self.ln_kv(self.kv_proj(x) if self.kv_proj is not None else x)  # (N, L, D)
         q = self.ln_q(self.query[...]) + self.pos_embed[...]  # (Q, D)
         q = jnp.broadcast_to(q, (x.shape[0], *q.shape))  # (N, Q, D)
         return self.attn(q, x + pos_k, x)  # (N, Q, D)
+
+
+class Resampler(QueryPool):
+    """Qwen-VL's `attn_pool`: n_queries learned queries over the ViT tokens."""
+
+    def __init__(self, cfg: VisionConfig, rngs: nnx.Rngs):
+        super().__init__(cfg.output_dim, math.isqrt(cfg.n_queries), cfg.hidden_size, cfg.layer_norm_eps, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.pool(x)  # (N, Q, D)
 
 
 class QwenVisionTransformer(nnx.Module):

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 
 import numpy as np
+
+from vchat.io import writing_file
 
 
 def timed(fn) -> float:
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None, prog: str = "vchat bench") -> int:
         from flax import nnx
 
         import vchat_jax
-        from convert.torch_jax import load_state_dict
+        from vchat_jax.state_dict import load_state_dict
 
         jm = vchat_jax.VisualChat(cfg, nnx.Rngs(0))
         load_state_dict(jm, {k: v.detach().numpy() for k, v in model.state_dict().items()})
@@ -169,9 +170,8 @@ def main(argv: list[str] | None = None, prog: str = "vchat bench") -> int:
         row("forward", "torch", "JAX", *compare(torch_forward, jax_forward, args.repeats))
 
     if args.out:
-        with open(args.out + ".tmp", "w") as f:
+        with writing_file(args.out) as f:
             json.dump({"preset": args.preset, "batch": args.batch, "images": args.images, "rows": rows}, f, indent=1)
-        os.replace(args.out + ".tmp", args.out)
     return 0
 
 

@@ -14,18 +14,17 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-from vchat.config import CONFIG_NAME, ModelConfig, load_checkpoint_config
+from vchat.checkpoint_files import CONFIG_NAME, DSVC_WEIGHTS_NAME, WEIGHTS_NAME
+from vchat.config import ModelConfig, load_checkpoint_config
+from vchat.errors import UserError
 from vchat.io import list_names as _names
 from vchat.io import writing_dir
+from vchat.param_map import tied_aliases
 
 from .model import VisualChat
 
-WEIGHTS_NAME = "model.safetensors"
-DSVC_WEIGHTS_NAME = "pytorch_model.bin"
-META_NAME = "vchat.json"
 
-
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     pass
 
 
@@ -48,6 +47,9 @@ def check_state_dict(model: torch.nn.Module, sd: dict, source: str, partial: boo
 
 
 def load_state_dict_strict(model: torch.nn.Module, sd: dict, source: str, partial: bool = False) -> None:
+    """Load after check_state_dict; a tied lm_head (not stored in files) is filled from its source key."""
+    aliases = tied_aliases(model.config) if hasattr(model, "config") else {}
+    sd = {**{a: sd[s] for a, s in aliases.items() if a not in sd and s in sd}, **sd}
     check_state_dict(model, sd, source, partial=partial)
     model.load_state_dict(sd, strict=not partial)
 
@@ -79,7 +81,8 @@ def save_pretrained(model: VisualChat, path: str, trainable_only: bool = False, 
         if state_dict is None:
             names = {n for n, p in model.named_parameters() if p.requires_grad} if trainable_only else None
             state_dict = {k: v for k, v in model.state_dict().items() if names is None or k in names}
-        sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+        aliases = tied_aliases(model.config)  # a tied lm_head is embed_tokens: stored once
+        sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if k not in aliases}
         save_file(sd, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt", "trainable_only": str(trainable_only)})
         for name, text in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w") as f:

@@ -1,21 +1,31 @@
-"""`vchat chat` and `vchat eval`: a trained checkpoint, talked to or run over the reference's eval sets.
+"""`vchat train`, `vchat chat` and `vchat eval`: training with DeepSpeed, and a trained checkpoint
+talked to or run over the reference's eval sets.
 
+    vchat train --lm_model_name_or_path tiny --dataset_names synthetic --precision fp32 --output_dir runs/tiny
+    torchrun --nproc_per_node 2 -m vchat_torch.train --zero_stage 3 ...  # the same main, under a launcher
     vchat chat runs/demo/final                       # rounds of image paths + a question
     vchat eval runs/demo/final eval_single.json --output_filename answers.csv
+
+`train_main` parses the flags (vchat/train_args.py, vchat_torch/train_args.py) and runs
+vchat_torch/train.py's Trainer; `deepspeed --module vchat_torch.train` (configs/run_*.sh) reaches it
+through that module's `__main__` guard.
 
 Both load a vchat checkpoint directory (config.json + model.safetensors, tokenizer.json beside
 them or `--tokenizer`) and run `ChatSession` (the KV cache kept between rounds).
 
 The chat follows the reference's loop (`chat/chat.py`): each round asks for image paths
 (space-separated, `na` for none; at most 8 images in a chat, a bad path asks again), then for the
-text (`quit` ends, `clear` forgets the history, the images and their numbering), and prints
+text (`quit` ends, `clear` forgets the history, the images and their numbering, an empty line asks
+again; the text is the user's: a `<image>` or `### Image:` in it is text, not a template token), and prints
 `=========== Round n ===========` with the answer. Unlike the reference, a round may come without
 any image, the first one included.
 
 The eval reads the reference's format, `{"test name": [["question", "img1 [img2 ...]"],
 ["follow-up"], ...]}` (image paths relative to the JSON's folder unless absolute), runs each test's
 rounds in one session, and writes the reference's CSV columns `test_name,image_path,question,answer`
-(image_path is the round's image field, empty without images). Decoding is greedy, so the output
+(image_path is the round's image field, empty without images). The eval file, every image and the
+output path are checked before the first answer (vchat/eval_set.py), and the CSV is rewritten
+atomically after each test, so a late failure keeps the answers so far. Decoding is greedy, so the output
 is a function of the checkpoint; the reference took sampling settings silently from the LLM's
 generation_config.json.
 """
@@ -23,19 +33,60 @@ generation_config.json.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import sys
 
+from vchat.checkpoint_files import TOKENIZER_NAME
+from vchat.errors import UserError
+from vchat.eval_set import AnswerLog, check_output, read_eval_json, where
 from vchat.template import MAX_IMAGES
+
+
+def train_main(argv: list[str] | None = None, prog: str = "vchat train") -> int:
+    """`vchat train`: one process of a (possibly multi-process) DeepSpeed run."""
+    from .distributed import init_distributed, shutdown_distributed
+    from .train import Trainer
+    from .train_args import DeepSpeedConfigError, parse_args
+
+    args = parse_args(argv, prog)
+    os.makedirs(args.output_dir, exist_ok=True)
+    rank, world = init_distributed()
+    try:
+        Trainer(args, rank, world).train(stop_after=args.stop_after_steps)
+    except DeepSpeedConfigError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    shutdown_distributed()
+    return 0
 
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("checkpoint", help="a vchat checkpoint directory (config.json + model.safetensors)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
-    ap.add_argument("--max_new_tokens", type=int, default=256,
-                    help="tokens generated per round (the reference's --generation_length_per_round)")
+    ap.add_argument("--max_new_tokens", type=positive_int, default=256,
+                    help="tokens generated per round (the reference's --generation_length_per_round), "
+                         "fewer than the model's max_position_embeddings")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse names the flag when it is not)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def tokenizer_path(args) -> str:
+    """The tokenizer file, once it and the checkpoint directory are known to exist."""
+    if not os.path.isdir(args.checkpoint):
+        raise UserError(f"{args.checkpoint}: no such checkpoint directory")
+    tok_path = args.tokenizer or os.path.join(args.checkpoint, TOKENIZER_NAME)
+    if not os.path.exists(tok_path):
+        raise UserError(f"{tok_path}: no tokenizer (give --tokenizer path/to/tokenizer.json)")
+    return tok_path
 
 
 def load(args):
@@ -44,12 +95,12 @@ def load(args):
 
     from .checkpoint import from_pretrained
 
-    if not os.path.isdir(args.checkpoint):
-        raise SystemExit(f"{args.checkpoint}: no such checkpoint directory")
-    tok_path = args.tokenizer or os.path.join(args.checkpoint, "tokenizer.json")
-    if not os.path.exists(tok_path):
-        raise SystemExit(f"{tok_path}: no tokenizer (give --tokenizer path/to/tokenizer.json)")
+    tok_path = tokenizer_path(args)
     model = from_pretrained(args.checkpoint).eval()
+    context = model.config.llm.max_position_embeddings
+    if args.max_new_tokens >= context:
+        raise UserError(f"--max_new_tokens {args.max_new_tokens}: must be less than the model's context, "
+                        f"max_position_embeddings = {context}")
     tok = TextTokenizer.from_file(tok_path)
     return model, tok, ImageProcessor.for_vision(model.config.vision)
 
@@ -89,7 +140,9 @@ def chat_loop(session, proc, read, write=print):
         except DataError as e:
             write(f"{e}; try again")
             continue
-        text = read("text ('quit' to exit, 'clear' to start over): ")
+        text = ""
+        while text == "":  # an empty question is asked again
+            text = read("text ('quit' to exit, 'clear' to start over): ")
         if (act := control(text)) == "quit":
             return session
         if act:
@@ -118,34 +171,9 @@ def chat_main(argv: list[str] | None = None, prog: str = "vchat chat") -> int:
     return 0
 
 
-def read_eval_json(path: str) -> dict[str, list[tuple[str, list[str]]]]:
-    """The reference's eval file -> {test: [(question, [image paths])]}; errors name the test and round."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except OSError as e:
-        raise SystemExit(f"{path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"{path}: not JSON ({e})") from None
-    if not isinstance(data, dict) or not data:
-        raise SystemExit(f"{path}: expected an object of tests, {{\"name\": [[\"question\", \"images\"], ...]}}")
-    base = os.path.dirname(os.path.abspath(path))
-    tests = {}
-    for name, rounds in data.items():
-        if not isinstance(rounds, list) or not rounds:
-            raise SystemExit(f"{path}: test {name!r} has no rounds")
-        parsed = []
-        for r, entry in enumerate(rounds):
-            if not (isinstance(entry, list) and 1 <= len(entry) <= 2 and all(isinstance(x, str) for x in entry)):
-                raise SystemExit(f"{path}: test {name!r} round {r + 1}: expected [\"question\"] or "
-                                 f"[\"question\", \"image paths\"], got {entry!r}")
-            images = entry[1].split() if len(entry) == 2 else []
-            parsed.append((entry[0], [p if os.path.isabs(p) else os.path.join(base, p) for p in images]))
-        tests[name] = parsed
-    return tests
-
-
 def eval_main(argv: list[str] | None = None, prog: str = "vchat eval") -> int:
+    """Every input is checked (the eval file, its images, the output path) before the first answer;
+    the CSV is rewritten after each test, so a failure keeps the answers so far."""
     from .chat import ChatSession
 
     ap = argparse.ArgumentParser(prog=prog, description="Answer the reference's eval JSON with a checkpoint; write CSV.")
@@ -153,27 +181,25 @@ def eval_main(argv: list[str] | None = None, prog: str = "vchat eval") -> int:
     ap.add_argument("eval_data", help="an eval JSON in the reference's format")
     ap.add_argument("--output_filename", default="eval_results.csv")
     args = ap.parse_args(argv)
+    out = check_output(args.output_filename)
+    tokenizer_path(args)
     tests = read_eval_json(args.eval_data)
     model, tok, proc = load(args)
-    rows = []
+    log = AnswerLog(out)
     for t, (name, rounds) in enumerate(tests.items(), 1):
-        session = ChatSession(model, tok, max_new_tokens=args.max_new_tokens)
+        session, rows = ChatSession(model, tok, max_new_tokens=args.max_new_tokens), []
         for r, (question, paths) in enumerate(rounds, 1):
-            if session.num_images + len(paths) > MAX_IMAGES:
-                raise SystemExit(f"{args.eval_data}: test {name!r} round {r} brings the chat to "
-                                 f"{session.num_images + len(paths)} images (at most {MAX_IMAGES})")
-            pixels = read_images(proc, paths, f"{args.eval_data}: test {name!r} round {r}")
-            answer = session.ask(question, pixels)
+            at = where(args.eval_data, name, r)
+            try:
+                answer = session.ask(question, read_images(proc, paths, at))
+            except Exception as e:
+                said = str(e) if at in str(e) else f"{at}: {e}"
+                kept = f"; the answers of the {t - 1} tests before it are in {out}" if t > 1 else ""
+                raise (UserError if isinstance(e, UserError) else RuntimeError)(f"{said}{kept}") from e
             rows.append({"test_name": name, "image_path": " ".join(paths), "question": question, "answer": answer})
+        log.add(rows)
         print(f"[eval] {t}/{len(tests)} {name}: {len(rounds)} round(s)", flush=True)
-    out = os.path.abspath(args.output_filename)
-    tmp = out + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["test_name", "image_path", "question", "answer"])
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, out)
-    print(f"[eval] {len(rows)} answers from {len(tests)} tests -> {out}")
+    print(f"[eval] {len(log.rows)} answers from {len(tests)} tests -> {out}")
     return 0
 
 

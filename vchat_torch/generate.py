@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from transformers import DynamicCache
 
-from .model import VisualChat, as_numpy
+from vchat.splice import check_image_count
+
+from .model import VisualChat
 
 
 @dataclass
@@ -45,27 +46,25 @@ def pick_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: 
 @torch.no_grad()
 def generate(model: VisualChat, images, input_ids, attention_mask=None, image_num=None, max_new_tokens: int = 128,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_token_id: int | None = None, generator: torch.Generator | None = None) -> GenerateOutput:
-    """input_ids: (B, T) prompts, left-padded (attention_mask 0 on the padding); images: every
-    image of the batch in sample order; image_num: images per sample (defaults to all images in
-    one sample for B == 1). Stops when every row has produced EOS or after max_new_tokens."""
+             eos_token_id: int | None = None, seed: int | None = None) -> GenerateOutput:
+    """input_ids: (B, T) prompts, left-padded (attention_mask 0 on the padding); images: every image
+    of the batch in sample order, or None; image_num: images per sample (default: each row's <image>
+    count). Sampling draws from a torch.Generator seeded with `seed` (None: torch's global generator).
+    Stops when every row has produced EOS or after max_new_tokens."""
     cfg = model.config
-    ids_np = as_numpy(input_ids)
-    B = ids_np.shape[0]
-    mask_np = np.ones_like(ids_np) if attention_mask is None else as_numpy(attention_mask)
-    n_images = 0 if images is None else int(images.shape[0])
-    if image_num is None:
-        if B != 1 and n_images:
-            raise ValueError("image_num is required for a batch of several prompts")
-        image_num = [n_images]
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
-    plan = model.plan(ids_np, mask_np, image_num, pad_multiple=1, positions="cumsum", pad_side="left")
+    plan = model.plan(input_ids, attention_mask, image_num, pad_multiple=1, positions="cumsum", pad_side="left")
+    n_images = check_image_count(plan, 0 if images is None else int(images.shape[0]), cfg.image_tokens)
+    B = plan.shape[0]
     feats = model.encode_images(torch.as_tensor(images, device=model.device)) if n_images else None
     embeds = model.splice(plan, feats)
     modality = torch.as_tensor(plan.modality, device=model.device)  # (B, L)
     positions = torch.as_tensor(plan.position_ids, device=model.device)
     next_pos = positions.max(-1).values + 1  # (B,)
     embed_new = model.lang_decoder.model.embed_tokens if cfg.compat == "dsvc" else model.lang_embed
+    generator = None if seed is None else torch.Generator(model.device).manual_seed(seed)
 
     cache = DynamicCache(config=model.lang_decoder.config)
     logits, cache = model.decode(embeds, modality, positions, cache=cache)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
@@ -16,7 +14,7 @@ from .checkpoint import from_dsvc
 def run_golden(case_dir: str) -> dict:
     """Logits and loss of the case's batch, and the greedy generation of its prompt (8 tokens)."""
     config, case = load_case(case_dir)
-    model = from_dsvc(os.path.join(case_dir, "pytorch_model.bin"), config)
+    model = from_dsvc(case_dir, config)
     t = torch.from_numpy
     out = model(t(case["images"]), t(case["input_ids"]), t(case["attention_mask"]), labels=t(case["labels"]),
                 image_num=t(case["image_num"]))

@@ -8,6 +8,10 @@ the decoder's embedding table: every prompt token is embedded with it) and `lang
 Forward: vision features -> projection -> the splice plan (vchat/splice.py) places them at the
 `<image>` slots -> the decoder reads the spliced embeddings -> logits and the loss of
 reference/MMCA.md.
+
+The public API mirrors vchat_jax.VisualChat method for method (encode_images, plan, splice, decode,
+forward / __call__, generate, save_pretrained, from_pretrained; VisualChatOutput; forward_planned):
+docs/ARCHITECTURE.md lists it.
 """
 
 from __future__ import annotations
@@ -20,11 +24,11 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from vchat.config import ModelConfig
-from vchat.splice import IGNORE_INDEX, SplicePlan, order_for, plan_splice
+from vchat.splice import IGNORE_INDEX, SplicePlan, check_image_count, order_for, plan_splice
 
 from .attention import ATTN_IMPLEMENTATION, prepare_branches
 from .projection import build_projection
-from .vision import build_vision, vision_features
+from .vision import build_vision
 
 
 def llama_config(cfg: ModelConfig) -> LlamaConfig:
@@ -92,19 +96,23 @@ class VisualChat(nn.Module):
         """(N, 3, H, W) pixels (cast to the tower's dtype) -> (N, image_tokens, hidden) projected features."""
         images = images.to(next(self.vis_encoder.parameters()).dtype)
         if any(p.requires_grad for p in self.vis_encoder.parameters()):  # LoRA on the tower
-            feats = vision_features(self.vis_encoder, images)
+            feats = self.vis_encoder(images)
         else:
             with torch.no_grad():
-                feats = vision_features(self.vis_encoder, images)
+                feats = self.vis_encoder(images)
         return self.projection(feats.to(self.dtype))
 
-    def plan(self, input_ids, attention_mask, image_num, labels=None, pad_multiple: int = 8,
+    def plan(self, input_ids, attention_mask=None, image_num=None, labels=None, pad_multiple: int = 8,
              positions: str = "arange", pad_side: str = "right") -> SplicePlan:
+        """The splice plan (numpy) of a batch; image_num defaults to each row's count of <image> tokens."""
         cfg = self.config
-        return plan_splice(as_numpy(input_ids), as_numpy(attention_mask), as_numpy(image_num), cfg.image_tokens,
-                           cfg.image_token_id, cfg.pad_token_id, None if labels is None else as_numpy(labels),
-                           order=order_for(cfg.compat), pad_multiple=pad_multiple, positions=positions,
-                           pad_side=pad_side)
+        ids = as_numpy(input_ids)
+        mask = np.ones_like(ids) if attention_mask is None else as_numpy(attention_mask)
+        if image_num is None:
+            image_num = (ids == cfg.image_token_id).sum(axis=1)
+        return plan_splice(ids, mask, as_numpy(image_num), cfg.image_tokens, cfg.image_token_id, cfg.pad_token_id,
+                           None if labels is None else as_numpy(labels), order=order_for(cfg.compat),
+                           pad_multiple=pad_multiple, positions=positions, pad_side=pad_side)
 
     def splice(self, plan: SplicePlan, feats: torch.Tensor | None) -> torch.Tensor:
         """Embeddings (B, L, hidden): lang_embed for text and padding, image features at image slots."""
@@ -121,46 +129,50 @@ class VisualChat(nn.Module):
         """Run the decoder on embeddings (B, Lq, D); `m_keys` is the modality of every key (cache
         included), `modality` that of the queries. Returns logits and the updated cache."""
         m_keys = modality if m_keys is None else m_keys
-        branches = prepare_branches(modality, m_keys, self.config.mmca, self.config.compat)
+        branches = prepare_branches(modality, m_keys, self.config.mmca, self.config.compat, self.config.attention)
         out = self.lang_decoder(inputs_embeds=embeds, position_ids=position_ids, cache=cache,
                                 use_cache=cache is not None, mmca_branches=branches)
         return out.logits, out.cache
 
     # -- the model ---------------------------------------------------------------------------------
-    def forward(self, images, input_ids, attention_mask, labels=None, image_num=None,
+    def forward(self, images, input_ids, attention_mask=None, labels=None, image_num=None,
                 pad_multiple: int = 8) -> VisualChatOutput:
-        """images: (sum image_num, 3, H, W) in sample order; input_ids, attention_mask, labels: (B, T).
-        Returns the loss (when labels are given) and logits over the spliced sequence."""
-        if image_num is None:
-            image_num = [0] * len(input_ids)
-        nimg = int(np.sum(as_numpy(image_num)))
-        if images is not None and nimg != images.shape[0]:
-            raise ValueError(f"image_num adds up to {nimg} images but {images.shape[0]} were given")
-        if nimg and images is None:
-            raise ValueError(f"image_num asks for {nimg} images but none were given")
+        """images: (sum image_num, 3, H, W) in sample order, or None; input_ids, attention_mask, labels:
+        (B, T). Returns the loss (when labels are given) and logits over the spliced sequence."""
         plan = self.plan(input_ids, attention_mask, image_num, labels, pad_multiple=pad_multiple)
-        feats = self.encode_images(torch.as_tensor(images, device=self.device)) if nimg else None
-        embeds = self.splice(plan, feats)
-        modality = torch.as_tensor(plan.modality, device=self.device)
-        positions = torch.as_tensor(plan.position_ids, device=self.device)
-        logits, _ = self.decode(embeds, modality, positions)
-        spliced_labels = torch.as_tensor(plan.labels, device=self.device)
-        loss = visualchat_loss(logits, spliced_labels) if labels is not None else None
-        return VisualChatOutput(loss=loss, logits=logits, modality=modality, labels=spliced_labels)
+        nimg = check_image_count(plan, 0 if images is None else int(images.shape[0]), self.config.image_tokens)
+        images = torch.as_tensor(images, device=self.device) if nimg else None
+        return forward_planned(self, plan, images, with_loss=labels is not None)
 
     # -- checkpoints and generation live beside the model --------------------------------------------
     def save_pretrained(self, path: str, trainable_only: bool = False, extra_files: dict | None = None) -> None:
+        """See vchat_torch.checkpoint.save_pretrained."""
         from .checkpoint import save_pretrained
 
         save_pretrained(self, path, trainable_only=trainable_only, extra_files=extra_files)
 
     @classmethod
-    def from_pretrained(cls, path: str, **kw) -> "VisualChat":
+    def from_pretrained(cls, path: str, **kwargs) -> "VisualChat":
+        """See vchat_torch.checkpoint.from_pretrained."""
         from .checkpoint import from_pretrained
 
-        return from_pretrained(path, **kw)
+        return from_pretrained(path, **kwargs)
 
-    def generate(self, *args, **kwargs):
+    def generate(self, images, input_ids, attention_mask=None, image_num=None, **kwargs):
+        """See vchat_torch.generate.generate."""
         from .generate import generate
 
-        return generate(self, *args, **kwargs)
+        return generate(self, images, input_ids, attention_mask=attention_mask, image_num=image_num, **kwargs)
+
+
+def forward_planned(model: VisualChat, plan: SplicePlan, images: torch.Tensor | None,
+                    with_loss: bool = True) -> VisualChatOutput:
+    """The forward pass of a planned batch: images (N, 3, H, W) or None, features spliced by `plan`; the
+    loss when `with_loss`. `VisualChat.forward` is `plan` then this."""
+    feats = None if images is None or images.shape[0] == 0 else model.encode_images(images)
+    modality = torch.as_tensor(plan.modality, device=model.device)
+    positions = torch.as_tensor(plan.position_ids, device=model.device)
+    logits, _ = model.decode(model.splice(plan, feats), modality, positions)
+    labels = torch.as_tensor(plan.labels, device=model.device)
+    loss = visualchat_loss(logits, labels) if with_loss else None
+    return VisualChatOutput(loss=loss, logits=logits, modality=modality, labels=labels)

@@ -4,7 +4,9 @@
 - vit: one extra CLIP encoder layer (`projection.vis_layer`), then `projection.projection.{0,1}` as
   baseline. Keeps every token.
 - perceiver: grid**2 learned queries cross-attend (`nn.MultiheadAttention`, heads = lang // 128) to
-  the patch tokens (CLS dropped) with 2-D sin-cos positions, then LayerNorm -> Linear.
+  the patch tokens (CLS dropped) with 2-D sin-cos positions, then LayerNorm -> Linear (vision.QueryPool,
+  as Qwen's resampler). The key positions are the query table resized to isqrt(token count): the
+  reference counts the CLS token, which gives the same side for a square patch grid.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from vchat.config import ModelConfig
 
-from .vision import clip_config, resize_abs_pos, sincos_2d
+from .vision import QueryPool, clip_config
 
 
 def linear_norm(d_in: int, d_out: int) -> nn.Sequential:
@@ -32,26 +34,14 @@ class VisProjectionViT(nn.Module):
         return self.projection(self.vis_layer(x, None))
 
 
-class VisProjectionPerceiver(nn.Module):
+class VisProjectionPerceiver(QueryPool):
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        dim, grid = cfg.llm.hidden_size, cfg.projection.perceiver_grid
-        # Frozen (the reference means to freeze it, then re-enables its gradient: bug B15).
-        self.pos_embed = nn.Parameter(torch.from_numpy(sincos_2d(dim, grid)), requires_grad=False)
-        self.query = nn.Parameter(torch.zeros(grid * grid, dim))
-        nn.init.trunc_normal_(self.query, std=0.02)
-        self.kv_proj = nn.Linear(cfg.vision.out_dim, dim)
-        self.attn = nn.MultiheadAttention(dim, dim // 128, batch_first=True)
-        self.ln_q = nn.LayerNorm(dim, eps=1e-12)
-        self.ln_kv = nn.LayerNorm(dim, eps=1e-12)
+        dim = cfg.llm.hidden_size
+        super().__init__(dim, cfg.projection.perceiver_grid, cfg.vision.out_dim, 1e-12, kv_bias=True, query_std=0.02)
         self.projection = nn.Sequential(nn.LayerNorm(dim, eps=1e-12), nn.Linear(dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pos_k = resize_abs_pos(self.pos_embed, x.shape[1])  # sized from the token count, CLS included
-        x = self.ln_kv(self.kv_proj(x[:, 1:]))  # (N, P, D), CLS dropped
-        q = (self.ln_q(self.query) + self.pos_embed).expand(x.shape[0], -1, -1)  # (N, Q, D)
-        out = self.attn(q, x + pos_k, x, need_weights=False)[0]
-        return self.projection(out)
+        return self.projection(self.pool(x[:, 1:]))  # (N, Q, D), CLS dropped
 
 
 def build_projection(cfg: ModelConfig) -> nn.Module:

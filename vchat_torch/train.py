@@ -1,4 +1,8 @@
-"""`vchat train`: VisualChat on DeepSpeed (the reference's `training/main.py`, made resumable).
+"""The DeepSpeed trainer behind `vchat train`: its loop, evaluation, exports and resume (the reference's
+`training/main.py`, made resumable). The flags are vchat/train_args.py's shared ones and
+vchat_torch/train_args.py's; the optimizer is optim.py's, the batches batches.py's, the process group
+and ZeRO-3 gathering distributed.py's, the log and loss curve vchat/train_log.py's; the command's
+main is vchat_torch/cli.py:train_main.
 
     # one process (CPU or one GPU)
     vchat train --lm_model_name_or_path tiny --dataset_names synthetic --precision fp32 \\
@@ -20,24 +24,28 @@ Output directory: `final/` and `best/` (vchat checkpoints), `ds/` (DeepSpeed che
 
 from __future__ import annotations
 
-import json
+import argparse
 import math
 import os
 import random
-import socket
 import sys
 import time
 
 import numpy as np
 import torch
 
-from vchat.config import ModelConfig, ProjectionConfig, preset
-from vchat.data import EncodedDataset, iterate_batches
+from vchat.checkpoint_files import CONFIG_NAME, TOKENIZER_NAME
 from vchat.data.pipeline import build_training_data
+from vchat.io import writing_file
+from vchat.param_groups import is_trainable
+from vchat.train_args import model_source, total_steps
+from vchat.train_log import plot_losses, write_log
 
-from .checkpoint import CONFIG_NAME, from_pretrained, save_pretrained
+from .batches import fixed_batches, to_device
+from .checkpoint import from_pretrained, save_pretrained
+from .distributed import export_state_dict, make_engine
 from .model import VisualChat
-from .train_args import DeepSpeedConfigError, ds_config, parse_args
+from .optim import make_optimizer
 
 
 def log(msg: str, rank: int = 0) -> None:
@@ -45,42 +53,19 @@ def log(msg: str, rank: int = 0) -> None:
         print(msg, flush=True)
 
 
-# -- setup ------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> tuple[int, int]:
-    """Single process without a launcher gets the environment a launcher would give."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-
-
-def build_model(args) -> VisualChat:
-    src = args.lm_model_name_or_path
-    if os.path.isdir(src) and os.path.exists(os.path.join(src, CONFIG_NAME)):
+def build_model(args: argparse.Namespace) -> VisualChat:
+    """The model to train (vchat/train_args.py:model_source: a checkpoint, or a new model seeded with
+    --seed), in train mode with only the --trainable parts trainable, gradient checkpointing and LoRA
+    adapters as the flags say."""
+    src = model_source(args)
+    if isinstance(src, str):
         model = from_pretrained(src, compat=args.compat)
     else:
-        cfg: ModelConfig = preset(src)
-        cfg = cfg.replace(mmca=args.enable_mmca_attention, compat=args.compat,
-                          projection=ProjectionConfig(kind=args.vis_proj))
         torch.manual_seed(args.seed)
-        model = VisualChat(cfg)
+        model = VisualChat(src)
     model.train()
-    for name, module in model.named_children():
-        module.requires_grad_(name in args.trainable)
     for name, p in model.named_parameters():
-        if name.endswith("pos_embed"):  # sin-cos tables stay fixed (B15)
-            p.requires_grad_(False)
+        p.requires_grad_(is_trainable(name.split("."), args.trainable))
     if args.gradient_checkpointing:
         model.lang_decoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.vis_encoder.gradient_checkpointing_enable()
@@ -88,53 +73,7 @@ def build_model(args) -> VisualChat:
         from .lora import add_lora
 
         add_lora(model, args)
-    elif args.only_optimize_lora:
-        raise SystemExit("--only_optimize_lora needs --lang_lora_dim or --vis_lora_dim > 0")
     return model
-
-
-def param_groups(model: torch.nn.Module, lr: float, lr_small: float, weight_decay: float,
-                 lr_vision: float = 0.0) -> list[dict]:
-    """The reference's four groups: {decay, no decay} x {other, name contains "embed" (lr_small)};
-    with `lr_vision`, the vision tower's parameters get that rate in groups of their own."""
-    lr_small = lr_small or lr
-    groups: dict[tuple[float, float], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        no_decay = "bias" in name or "LayerNorm.weight" in name
-        rate = lr_small if "embed" in name else lr
-        if lr_vision and name.startswith("vis_encoder."):
-            rate = lr_vision
-        groups.setdefault((0.0 if no_decay else weight_decay, rate, no_decay), []).append(p)
-    return [{"params": g, "weight_decay": wd, "lr": rate} for (wd, rate, _), g in groups.items()]
-
-
-def fixed_batches(data: EncodedDataset, n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int,
-                  shuffle: bool = True, skip: int = 0):
-    """Exactly n batches on every rank (ZeRO collectives need the same count), the epoch's order
-    repeated if samples dropped by the budget leave a rank short; the first `skip` are not built."""
-    done, rounds = 0, 0
-    while done < n:
-        for i, batch in enumerate(iterate_batches(data, batch_size, shuffle=shuffle, seed=seed + rounds, epoch=epoch,
-                                                  drop_last=True, rank=rank, world_size=world)):
-            if done >= n:
-                return
-            done += 1
-            if done > skip:
-                yield batch
-        rounds += 1
-        if rounds > 100:
-            raise RuntimeError("the data budget drops almost every sample; raise --max_seq_len")
-
-
-def to_device(batch, device) -> dict:
-    a = batch.arrays()
-    return {"images": torch.from_numpy(a["images"]).to(device) if a["images"].shape[0] else None,
-            "input_ids": torch.from_numpy(a["input_ids"]).to(device),
-            "attention_mask": torch.from_numpy(a["attention_mask"]).to(device),
-            "labels": torch.from_numpy(a["labels"]).to(device),
-            "image_num": a["image_num"]}
 
 
 def rng_state() -> dict:
@@ -150,45 +89,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def full_state_dict(model: torch.nn.Module, zero3: bool, rank: int) -> dict | None:
-    """`model.state_dict()` with ZeRO-3 parameters gathered one module at a time onto rank 0's CPU
-    (None on the other ranks; under ZeRO-3 every rank must call it)."""
-    if not zero3:
-        return {k: v.detach() for k, v in model.state_dict().items()} if rank == 0 else None
-    import deepspeed
-
-    copies = {}
-    for module in model.modules():
-        own = list(module.parameters(recurse=False))
-        with deepspeed.zero.GatheredParameters(own, modifier_rank=None):
-            if rank == 0:
-                copies.update((id(p), p.detach().to("cpu", copy=True)) for p in own)
-    if rank != 0:
-        return None
-    return {k: copies[id(v)] if isinstance(v, torch.nn.Parameter) else v.detach().cpu()
-            for k, v in model.state_dict(keep_vars=True).items()}
-
-
-def export_state_dict(model: torch.nn.Module, zero3: bool, rank: int, trainable_only: bool = False) -> dict | None:
-    """What `Trainer.export` writes: the full (or trainable-only) state dict with LoRA merged."""
-    from .lora import base_name, merged_state_dict
-
-    sd = full_state_dict(model, zero3, rank)
-    if sd is None:
-        return None
-    sd, folded = merged_state_dict(model, sd)
-    if trainable_only:
-        keep = {base_name(n) for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n} | folded
-        sd = {k: v for k, v in sd.items() if k in keep}
-    return sd
-
-
 # -- the run ----------------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, args, rank: int, world: int):
-        import deepspeed
-        from transformers import get_scheduler
+    """One training run of `vchat train` on this process (rank `rank` of `world`):
 
+        trainer = Trainer(args, rank, world)   # model, data, optimizer, DeepSpeed engine
+        trainer.train(stop_after=0)            # resumes from output_dir/ds if it can, then runs to the end
+    """
+
+    def __init__(self, args: argparse.Namespace, rank: int, world: int):
         self.args, self.rank, self.world = args, rank, world
         random.seed(args.seed)
         np.random.seed(args.seed)
@@ -205,29 +114,10 @@ class Trainer:
                              f"(micro batch {micro} x {world} processes x accumulation {gas})")
         self.micro_per_epoch -= self.micro_per_epoch % gas
         self.steps_per_epoch = self.micro_per_epoch // gas
-        total = args.num_train_epochs * self.steps_per_epoch
-        self.total_steps = min(total, args.max_steps) if args.max_steps else total
-        warmup = args.num_warmup_steps
-        warmup = int(warmup * self.total_steps) if warmup <= 1 else int(warmup)
-        groups = param_groups(model, args.learning_rate, args.learning_rate_pretraining_components, args.weight_decay,
-                              args.vision_learning_rate)
-        if args.offload:
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            opt = DeepSpeedCPUAdam(groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-6, adamw_mode=True)
-        else:
-            opt = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-6)
-        sched = get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=warmup, num_training_steps=self.total_steps)
-        try:
-            cfg = ds_config(args, world)
-            self.engine, self.opt, _, self.sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                                                         config=cfg)
-        except DeepSpeedConfigError:
-            raise
-        except (ValueError, KeyError, TypeError, AssertionError) as e:
-            source = f"--deepspeed_config {args.deepspeed_config}" if args.deepspeed_config else "the DeepSpeed config"
-            raise DeepSpeedConfigError(f"{source} was refused by DeepSpeed: {type(e).__name__}: {e}") from e
-        self.ds_config = cfg
+        self.total_steps = total_steps(args.num_train_epochs, self.steps_per_epoch, args.max_steps)
+        opt, sched = make_optimizer(model, args, self.total_steps)
+        self.engine, self.sched, self.ds_config = make_engine(model, opt, sched, args, world)
+        cfg = self.ds_config
         self.device = self.engine.device
         self.step, self.epoch, self.micro_done, self.best = 0, 0, 0, math.inf
         self.last_eval = self.last_save = -1
@@ -252,13 +142,11 @@ class Trainer:
         state = {"step": self.step, "epoch": self.epoch, "micro_done": self.micro_done, "best": self.best,
                  "history": self.history, "rng": rng_state()}
         self.engine.save_checkpoint(self.ds_dir, tag=f"step{self.step}", client_state=state)
-        if self.rank == 0 and not os.path.exists(os.path.join(self.ds_dir, "tokenizer.json")):
+        if self.rank == 0 and not os.path.exists(os.path.join(self.ds_dir, TOKENIZER_NAME)):
             # once per run, so that ds/ loads on its own (vchat_torch.checkpoint.from_zero, vchat convert)
             self.config.save(os.path.join(self.ds_dir, CONFIG_NAME))
-            tmp = os.path.join(self.ds_dir, f"tokenizer.json.tmp{os.getpid()}")
-            with open(tmp, "w") as f:
+            with writing_file(os.path.join(self.ds_dir, TOKENIZER_NAME)) as f:
                 f.write(self.tokenizer_json)
-            os.replace(tmp, os.path.join(self.ds_dir, "tokenizer.json"))
         self.last_save = self.step
         log(f"[ckpt] resumable checkpoint at step {self.step} -> {self.ds_dir}/step{self.step}", self.rank)
 
@@ -282,7 +170,7 @@ class Trainer:
         if self.rank == 0:
             save_pretrained(self.engine.module, os.path.join(self.args.output_dir, name),
                             trainable_only=self.args.save_trainable_only, state_dict=sd,
-                            extra_files={"tokenizer.json": self.tokenizer_json})
+                            extra_files={TOKENIZER_NAME: self.tokenizer_json})
             log(f"[ckpt] {name}/ written", self.rank)
 
     # -- loops ---------------------------------------------------------------------------------------
@@ -380,58 +268,14 @@ class Trainer:
     def finish(self, seconds: float) -> None:
         if self.rank != 0:
             return
-        path = os.path.join(self.args.output_dir, "train_log.jsonl")
-        with open(path, "w") as f:
-            for row in self.history:
-                f.write(json.dumps(row) + "\n")
-        plot_losses(self.history, os.path.join(self.args.output_dir, "loss_curve.png"))
+        path = write_log(self.args.output_dir, self.history)
+        plot_losses(self.history, self.args.output_dir)
         if self.writer:
             self.writer.close()
         log(f"[train] {self.step} steps in all ({seconds:.1f}s this run); log {path}")
 
 
-def plot_losses(history: list[dict], path: str) -> None:
-    import matplotlib
+if __name__ == "__main__":  # torchrun -m vchat_torch.train / deepspeed --module vchat_torch.train
+    from vchat_torch.cli import train_main
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r and not math.isnan(r["eval_loss"])]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title("VisualChat training")
-    ax.legend()
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def main(argv=None, prog: str = "vchat train") -> int:
-    args = parse_args(argv, prog)
-    os.makedirs(args.output_dir, exist_ok=True)
-    rank, world = init_distributed()
-    try:
-        trainer = Trainer(args, rank, world)
-        trainer.train(stop_after=args.stop_after_steps)
-    except DeepSpeedConfigError as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 2
-    # Every rank leaves together and tears the process group down before the interpreter exits
-    # (gloo's threads otherwise race the exit: "terminate called without an active exception").
-    del trainer
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train_main())

@@ -1,4 +1,5 @@
-"""`vchat train` flags and the DeepSpeed config they make.
+"""`vchat train`'s own flags (beside the shared ones of vchat/train_args.py) and the DeepSpeed config
+they make.
 
 The flags are the reference's (`training/main.py:parse_args`, DSVC_INVENTORY.md section 3) with the
 same names and defaults, so its `run_7b.sh` recipe runs with paths changed; vchat adds `--offload`,
@@ -12,46 +13,22 @@ import argparse
 import json
 import os
 
-from transformers import SchedulerType
+from vchat.errors import UserError
+from vchat.train_args import FlagError, parse_train_args, train_parser
 
-from vchat.data import REFERENCE_DATASETS
-
-DATASET_CHOICES = tuple(REFERENCE_DATASETS) + ("synthetic",)
-TRAINABLE_PARTS = ("lang_embed", "projection", "lang_decoder", "vis_encoder")
+SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
 def build_parser(prog: str = "vchat train") -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description="Train VisualChat with DeepSpeed (the reference's flags).")
-    r = ap.add_argument_group("the reference's flags")
-    r.add_argument("--data_path", default="./data/")
+    p = train_parser(prog, "Train VisualChat with DeepSpeed (the reference's flags).", SCHEDULES)
+    r = p.reference
     r.add_argument("--data_debug_path", default=None)
-    r.add_argument("--data_train_split_ratio", type=float, default=0.9)
-    r.add_argument("--dataset_names", nargs="*", default=["minigpt4"])
-    r.add_argument("--dataset_samples", nargs="*", default=["all"])
-    r.add_argument("--dataset_concatenate_samples", nargs="*", type=int, default=[1])
-    r.add_argument("--max_num_image_per_sample", type=int, default=8)
-    r.add_argument("--per_device_train_batch_size", type=int, default=2)
     r.add_argument("--per_device_eval_batch_size", type=int, default=2)
-    r.add_argument("--max_seq_len", type=int, default=4096)
-    r.add_argument("--learning_rate", type=float, default=1e-3)
-    r.add_argument("--learning_rate_pretraining_components", type=float, default=0)
-    r.add_argument("--weight_decay", type=float, default=0.0)
-    r.add_argument("--num_train_epochs", type=int, default=6)
     r.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    r.add_argument("--lr_scheduler_type", type=SchedulerType, default="cosine",
-                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                            "constant_with_warmup"])
-    r.add_argument("--num_warmup_steps", type=float, default=0)
-    r.add_argument("--output_dir", default=None)
-    r.add_argument("--seed", type=int, default=1234)
     r.add_argument("--local_rank", type=int, default=-1)
     r.add_argument("--gradient_checkpointing", action="store_true")
-    r.add_argument("--lm_model_name_or_path", default=None,
-                   help="a vchat checkpoint directory, a model preset name, or a model config JSON")
     r.add_argument("--vision_model_name_or_path", default="openai/clip-vit-large-patch14",
                    help="kept for the reference's recipes; the vision tower comes with --lm_model_name_or_path")
-    r.add_argument("--enable_mmca_attention", action="store_true")
-    r.add_argument("--vis_proj", choices=("baseline", "vit", "perceiver"), default="baseline")
     r.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3), default=0)
     r.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16")
     r.add_argument("--enable_tensorboard", action="store_true")
@@ -60,51 +37,37 @@ def build_parser(prog: str = "vchat train") -> argparse.ArgumentParser:
     r.add_argument("--vis_lora_dim", type=int, default=0)
     r.add_argument("--vis_lora_module_name", default="encoder.layers.")
     r.add_argument("--only_optimize_lora", action="store_true")
-
     r.add_argument("--deepspeed", action="store_true",
                    help="accepted for the reference's scripts (DeepSpeed's own flag); vchat always trains with DeepSpeed")
 
-    v = ap.add_argument_group("vchat's additions")
+    v = p.additions
     v.add_argument("--offload", action="store_true", help="ZeRO offload of the optimizer (and parameters at stage 3)")
     v.add_argument("--deepspeed_config", default=None, help="a DeepSpeed JSON; its entries win over the flags")
-    v.add_argument("--compat", choices=("dsvc", "fixed"), default="fixed")
-    v.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
     v.add_argument("--eval_every", type=int, default=0, help="evaluate every N steps (0: once per epoch)")
     v.add_argument("--save_every", type=int, default=0, help="resumable checkpoint every N steps (0: per epoch)")
-    v.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside the data, or the synthetic one)")
-    v.add_argument("--trainable", default="lang_embed,projection",
-                   help=f"comma list of parts to train, from {','.join(TRAINABLE_PARTS)}")
     v.add_argument("--vision_learning_rate", type=float, default=0.0,
                    help="learning rate of the vision tower when it is trainable (0: --learning_rate)")
-    v.add_argument("--synthetic_samples", type=int, default=2000, help="size of the built-in synthetic dataset")
     v.add_argument("--save_trainable_only", action="store_true", help="final/best checkpoints hold trainable tensors")
     v.add_argument("--lora_alpha", type=float, default=None,
                    help="LoRA alpha (default 1: scaling 1/r, as the reference)")
     v.add_argument("--lora_dropout", type=float, default=0.0)
     v.add_argument("--stop_after_steps", type=int, default=0,
                    help="end this run after N steps, schedule unchanged (resume later with the same command)")
-    v.add_argument("--quiet", action="store_true", help="no progress bar")
-    return ap
+    return p.parser
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """`vchat train`'s own flags, checked after the shared ones (a FlagError names the flag)."""
+    if args.only_optimize_lora and args.lang_lora_dim <= 0 and args.vis_lora_dim <= 0:
+        raise FlagError("--only_optimize_lora needs --lang_lora_dim or --vis_lora_dim > 0")
 
 
 def parse_args(argv=None, prog: str = "vchat train") -> argparse.Namespace:
-    args = build_parser(prog).parse_args(argv)
-    if args.output_dir is None:
-        raise SystemExit(f"{prog}: --output_dir is required")
-    if args.lm_model_name_or_path is None:
-        raise SystemExit(f"{prog}: --lm_model_name_or_path is required (a vchat checkpoint, a preset or a config JSON)")
-    unknown = [n for n in args.dataset_names if n not in DATASET_CHOICES]
-    if unknown:
-        raise SystemExit(f"{prog}: unknown dataset(s) {unknown}; known: {', '.join(DATASET_CHOICES)}")
-    parts = [p for p in args.trainable.split(",") if p]
-    bad = [p for p in parts if p not in TRAINABLE_PARTS]
-    if bad or not parts:
-        raise SystemExit(f"{prog}: --trainable takes parts from {TRAINABLE_PARTS}, got {args.trainable!r}")
-    args.trainable = parts
-    return args
+    """The parsed and validated flags (SystemExit with one line naming the flag on a bad value)."""
+    return parse_train_args(build_parser(prog), argv, check_flags)
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(UserError):
     pass
 
 

@@ -4,21 +4,22 @@ CLIP is used as is (features = `last_hidden_state`, before `post_layernorm`, as 
 The Qwen-VL ViT-bigG is not in transformers, so it is written here with the reference's parameter
 names (`conv1`, `positional_embedding`, `ln_pre`, `transformer.resblocks.N.*`, `attn_pool.*`,
 `ln_post`) and its numerics: per-head [q|k|v] packing of `in_proj`, softmax in the input dtype,
-exact GELU, LayerNorm eps 1e-6, `nn.MultiheadAttention` in the resampler, and absolute position
-tables resized with torch's bicubic interpolation (align_corners=False).
+exact GELU, LayerNorm eps 1e-6, `nn.MultiheadAttention` in the resampler (`QueryPool`, shared with
+the perceiver projection), and absolute position tables resized with torch's bicubic interpolation
+(align_corners=False; vchat/vision_math.py's `bicubic_matrix` is the same map as a matrix).
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from vchat.config import VisionConfig
+from vchat.vision_math import sincos_2d
 
 
 def clip_config(cfg: VisionConfig) -> CLIPVisionConfig:
@@ -38,18 +39,6 @@ def resize_abs_pos(pos: torch.Tensor, tgt_len: int) -> torch.Tensor:
     grid = pos.float().reshape(1, src, src, -1).permute(0, 3, 1, 2)  # (1, C, S, S)
     out = F.interpolate(grid, size=(tgt, tgt), mode="bicubic", align_corners=False)
     return out.permute(0, 2, 3, 1).flatten(0, 2).to(pos.dtype)  # (T*T, C)
-
-
-def sincos_2d(dim: int, grid: int) -> np.ndarray:
-    """MAE's 2-D sin-cos table (grid*grid, dim): first half encodes the row, second the column."""
-    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float32) / (dim / 4.0))  # (dim/4,)
-    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32), indexing="ij")
-
-    def enc(p):  # (grid*grid,) -> (grid*grid, dim/2)
-        out = np.einsum("m,d->md", p.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    return np.concatenate([enc(cols), enc(rows)], axis=1).astype(np.float32)
 
 
 class VisualAttention(nn.Module):
@@ -103,24 +92,41 @@ class TransformerBlock(nn.Module):
         return x
 
 
-class Resampler(nn.Module):
-    """One cross-attention of learned queries (with 2-D sin-cos positions) over the ViT tokens."""
+class QueryPool(nn.Module):
+    """Learned queries (with 2-D sin-cos positions) cross-attending once to a token sequence: the pooling
+    of Qwen-VL's resampler and of the perceiver projection. Subclasses keep its parameter names
+    (`pos_embed`, `query`, `kv_proj`, `attn`, `ln_q`, `ln_kv`) at their own level, as the reference's.
+    `kv_proj` is a Linear with bias when `kv_bias`, else a bias-free Linear only when the widths differ;
+    `query_std` > 0 draws the queries from a truncated normal (else zeros, for a checkpoint to fill)."""
+
+    def __init__(self, dim: int, grid: int, kv_dim: int, eps: float, kv_bias: bool = False, query_std: float = 0.0):
+        super().__init__()
+        # Frozen (the perceiver's reference means to freeze it, then re-enables its gradient: bug B15).
+        self.pos_embed = nn.Parameter(torch.from_numpy(sincos_2d(dim, grid)), requires_grad=False)
+        self.query = nn.Parameter(torch.zeros(grid * grid, dim))
+        if query_std:
+            nn.init.trunc_normal_(self.query, std=query_std)
+        self.kv_proj = nn.Linear(kv_dim, dim, bias=kv_bias) if kv_bias or kv_dim != dim else nn.Identity()
+        self.attn = nn.MultiheadAttention(dim, dim // 128, batch_first=True)
+        self.ln_q = nn.LayerNorm(dim, eps=eps)
+        self.ln_kv = nn.LayerNorm(dim, eps=eps)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, L, kv_dim) -> (N, Q, D); the key positions are the query table resized to isqrt(L) squared."""
+        pos_k = resize_abs_pos(self.pos_embed, x.shape[1])  # (L, D)
+        x = self.ln_kv(self.kv_proj(x))  # (N, L, D)
+        q = (self.ln_q(self.query) + self.pos_embed).expand(x.shape[0], -1, -1)  # (N, Q, D)
+        return self.attn(q, x + pos_k, x, need_weights=False)[0]  # (N, Q, D)
+
+
+class Resampler(QueryPool):
+    """Qwen-VL's `attn_pool`: n_queries learned queries over the ViT tokens."""
 
     def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        dim, grid = cfg.output_dim, int(math.sqrt(cfg.n_queries))
-        self.pos_embed = nn.Parameter(torch.from_numpy(sincos_2d(dim, grid)), requires_grad=False)
-        self.query = nn.Parameter(torch.zeros(cfg.n_queries, dim))
-        self.kv_proj = nn.Linear(cfg.hidden_size, dim, bias=False) if cfg.hidden_size != dim else nn.Identity()
-        self.attn = nn.MultiheadAttention(dim, dim // 128, batch_first=True)
-        self.ln_q = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
-        self.ln_kv = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        super().__init__(cfg.output_dim, math.isqrt(cfg.n_queries), cfg.hidden_size, cfg.layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pos_k = resize_abs_pos(self.pos_embed, x.shape[1])  # (L, D)
-        x = self.ln_kv(self.kv_proj(x))  # (B, L, D)
-        q = (self.ln_q(self.query) + self.pos_embed).expand(x.shape[0], -1, -1)  # (B, Q, D)
-        return self.attn(q, x + pos_k, x, need_weights=False)[0]  # (B, Q, D)
+        return self.pool(x)  # (N, Q, D)
 
 
 class QwenVisionTransformer(nn.Module):
@@ -167,8 +173,3 @@ class CLIPTower(nn.Module):
 
 def build_vision(cfg: VisionConfig) -> nn.Module:
     return CLIPTower(cfg) if cfg.kind == "clip" else QwenVisionTransformer(cfg)
-
-
-def vision_features(tower: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) -> (N, T, C): CLIP's last_hidden_state, or the Qwen resampler output."""
-    return tower(pixels)

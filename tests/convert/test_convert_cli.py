@@ -11,7 +11,8 @@ import torch
 from safetensors.numpy import load_file
 
 from convert.cli import main
-from convert.torch_jax import read_torch_bin, to_state_dict
+from vchat.torch_pickle import read_torch_bin
+from vchat_jax.state_dict import to_state_dict
 from vchat.golden import load_case
 from vchat_jax.checkpoint import from_pretrained as jax_from_pretrained
 from vchat_torch.checkpoint import from_dsvc

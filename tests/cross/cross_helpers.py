@@ -1,5 +1,5 @@
 """Shared pieces of the cross-framework tests: a torch VisualChat and its vchat_jax twin on the same weights
-(converted with convert/torch_jax.py), the long multi-image test batch, and one jitted JAX loss/grad function.
+(converted with vchat_jax/state_dict.py), the long multi-image test batch, and one jitted JAX loss/grad function.
 
     pair = make_pair(config)                 # (torch model, jax model), identical weights
     batch = make_batch(config)               # ids, mask, labels, images, image_num
@@ -20,10 +20,11 @@ import numpy as np
 import torch
 from flax import nnx
 
-from convert.param_map import expand
-from convert.torch_jax import load_state_dict
+from vchat.param_map import expand
+from vchat_jax.state_dict import load_state_dict
 from vchat.config import LLMConfig, ModelConfig, ProjectionConfig, VisionConfig
 from vchat_jax import VisualChat as JaxVisualChat
+from vchat_jax.model import forward_planned
 from vchat_torch import VisualChat as TorchVisualChat
 
 BOS, PAD, PRE, IMG = 1, 2, 94, 95
@@ -69,7 +70,7 @@ def _redraw(sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
 
 
 def make_pair(config: ModelConfig, seed: int = 0) -> tuple[TorchVisualChat, JaxVisualChat]:
-    """A random torch VisualChat and the vchat_jax model built from its state dict by convert.torch_jax."""
+    """A random torch VisualChat and the vchat_jax model built from its state dict by vchat_jax.state_dict."""
     torch.manual_seed(seed)
     tm = TorchVisualChat(config)
     sd = _redraw(tm.state_dict(), seed)
@@ -122,11 +123,10 @@ def _trainable_filter():
 
 
 @partial(jax.jit, static_argnums=0)
-def _loss_logits_grads(graphdef, trainable, rest, images, ids, image_index, modality, position_ids, labels):
+def _loss_logits_grads(graphdef, trainable, rest, plan, images):
     def f(tr):
-        loss, logits = nnx.merge(graphdef, tr, rest).forward_spliced(images, ids, image_index, modality,
-                                                                     position_ids, labels)
-        return loss, logits
+        out = forward_planned(nnx.merge(graphdef, tr, rest), plan, images)
+        return out.loss, out.logits
 
     (loss, logits), grads = jax.value_and_grad(f, has_aux=True)(trainable)
     return loss, logits, grads
@@ -137,10 +137,7 @@ def jax_loss_logits_grads(model: JaxVisualChat, batch: dict) -> tuple[float, np.
     parameters (lang_embed, projection)."""
     p = model.plan(batch["ids"], batch["mask"], batch["image_num"], batch["labels"])
     graphdef, trainable, rest = nnx.split(model, _trainable_filter(), ...)
-    loss, logits, grads = _loss_logits_grads(graphdef, trainable, rest, jnp.asarray(batch["images"]),
-                                             jnp.asarray(p.ids), jnp.asarray(p.image_index),
-                                             jnp.asarray(p.modality), jnp.asarray(p.position_ids),
-                                             jnp.asarray(p.labels))
+    loss, logits, grads = _loss_logits_grads(graphdef, trainable, rest, p, jnp.asarray(batch["images"]))
     flat = {tuple(path): np.asarray(v[...]) for path, v in nnx.to_flat_state(grads)}
     by_torch = {e.torch: e.to_torch(flat[e.jax]) for e in expand(model.config) if e.jax in flat}
     return float(loss), np.asarray(logits), p.modality, by_torch

@@ -38,7 +38,7 @@ def test_bf16_logits_agree_as_distributions(combo):
     with torch.no_grad():  # float32 pixels: both models cast them to their own dtype
         out = tm(torch.from_numpy(b["images"]), torch.from_numpy(b["ids"]), torch.from_numpy(b["mask"]),
                  image_num=b["image_num"])
-    _, lj = jm(b["images"], b["ids"], b["mask"], image_num=b["image_num"])
+    lj = jm(b["images"], b["ids"], b["mask"], image_num=b["image_num"]).logits
     assert out.logits.dtype == torch.bfloat16 and lj.dtype == jnp.bfloat16
     lt, lj = out.logits.float().numpy(), np.asarray(lj, np.float32)
     valid = out.modality.numpy() > 0

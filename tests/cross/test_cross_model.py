@@ -1,6 +1,6 @@
 """torch vs JAX on the same weights: the way the attention math is validated (DESIGN.md, numerics contract).
 
-A random torch VisualChat is converted with convert/torch_jax.py and both models run one batch: a long
+A random torch VisualChat is converted with vchat_jax/state_dict.py and both models run one batch: a long
 multi-turn sample with text before its first image and 3 images (>= 300 spliced positions, so RoPE is
 exercised well past short-prompt angles), a 2-image sample (right padding), and a text-only sample. Per
 combination of tower, projection, GQA, MMCA and compat mode (a matrix that covers each value at least once,

@@ -1,5 +1,5 @@
 """vchat_jax's training step against vchat_torch's optimizer: the same weights (converted with
-convert/torch_jax.py) and batch, torch.optim.AdamW over vchat_torch.train.param_groups with transformers'
+vchat_jax/state_dict.py) and batch, torch.optim.AdamW over vchat_torch.optim.param_groups with transformers'
 scheduler and clip_grad_norm_(1.0) (what `vchat train` hands DeepSpeed), against `vchat_jax.train.Trainer`.
 The updated trainable parameters agree to 1e-5 after each of three steps (a warmup step with lr 0, then
 two with moments in play), and the schedules match transformers' own."""
@@ -10,9 +10,10 @@ import torch
 from cross_helpers import make_batch, make_config, make_pair
 from transformers import get_scheduler
 
-from convert.torch_jax import to_state_dict
-from vchat_jax.train import SCHEDULES, OptimizerConfig, Trainer, lr_lambda
-from vchat_torch.train import param_groups
+from vchat_jax.state_dict import to_state_dict
+from vchat_jax.optim import SCHEDULES, OptimizerConfig, lr_lambda
+from vchat_jax.train import Trainer
+from vchat_torch.optim import param_groups
 
 LR, LR_SMALL, WD, TOTAL, WARMUP = 1e-3, 5e-4, 0.1, 8, 0.125  # warmup <= 1 is a ratio: 1 step of 8
 TOL = 1e-5

@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
-from convert.torch_jax import read_torch_bin, to_state_dict
+from vchat.torch_pickle import read_torch_bin
+from vchat_jax.state_dict import to_state_dict
 from vchat_jax import VisualChat
 from vchat_jax.golden import load_golden_model
 

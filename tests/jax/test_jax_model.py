@@ -13,6 +13,7 @@ from flax import nnx
 from vchat.config import PRESETS
 from vchat_jax import VisualChat
 from vchat_jax import generate as gen_mod
+from vchat_jax.model import forward_planned
 
 IMG, BOS, PAD = 95, 1, 2
 
@@ -36,7 +37,7 @@ def test_decode_matches_prefill(compat):
     model = tiny(compat)
     out = model.generate(images(2), PROMPT, max_new_tokens=5, eos_token_id=-1)
     ids = np.concatenate([PROMPT, out.ids[:, :-1]], axis=1)
-    _, logits = model(images(2), ids, np.ones_like(ids), None, [2])
+    logits = model(images(2), ids, np.ones_like(ids), None, [2]).logits
     L = PROMPT.shape[1] + 2 * (model.config.image_tokens - 1)
     want = np.asarray(logits)[0, L - 1:L - 1 + 5]
     np.testing.assert_allclose(out.step_logits[0], want, atol=1e-5, rtol=0)
@@ -62,9 +63,9 @@ def test_batched_left_padded_generation_matches_single_prompts():
 def test_decode_step_compiles_once():
     model = tiny("fixed")
     model.generate(images(2), PROMPT, max_new_tokens=3, eos_token_id=-1)
-    before = gen_mod._decode._cache_size()
+    before = gen_mod.decode_token._cache_size()
     model.generate(images(2), PROMPT, max_new_tokens=3, eos_token_id=-1)  # same shapes: no new compilation
-    assert gen_mod._decode._cache_size() == before
+    assert gen_mod.decode_token._cache_size() == before
 
 
 def test_eos_stops_and_pads():
@@ -81,8 +82,8 @@ def test_text_only_sample_in_a_batch(compat):
     with_img = np.array([BOS, 40, 94, IMG, 41, 42, 43, 44])
     ids = np.stack([text, with_img])
     mask = (np.arange(8) < np.array([[6], [8]])).astype(np.int64)
-    _, logits = model(images(1), ids, mask, None, [0, 1])
-    _, alone = model(None, text[None, :6], np.ones((1, 6), np.int64), None, [0])
+    logits = model(images(1), ids, mask, None, [0, 1]).logits
+    alone = model(None, text[None, :6], np.ones((1, 6), np.int64), None, [0]).logits
     np.testing.assert_allclose(np.asarray(logits)[0, :6], np.asarray(alone)[0, :6], atol=1e-5)
     assert np.isfinite(np.asarray(logits)).all()
 
@@ -100,9 +101,7 @@ def test_loss_gradients_flow_to_projection_not_vision():
     p = model.plan(ids, np.ones_like(ids), [2], labels)
 
     def loss_fn(m):
-        loss, _ = m.forward_spliced(jnp.asarray(images(2)), jnp.asarray(p.ids), jnp.asarray(p.image_index),
-                                    jnp.asarray(p.modality), jnp.asarray(p.position_ids), jnp.asarray(p.labels))
-        return loss
+        return forward_planned(m, p, jnp.asarray(images(2))).loss
 
     grads = nnx.grad(loss_fn)(model)
     vis = [np.abs(np.asarray(g)).max() for g in jax.tree.leaves(grads["vis_encoder"])]
@@ -113,7 +112,7 @@ def test_loss_gradients_flow_to_projection_not_vision():
 
 def test_loss_without_supervised_tokens_is_nan_like_the_reference():
     model = tiny("fixed")
-    loss, _ = model(images(2), PROMPT, np.ones_like(PROMPT), np.full_like(PROMPT, -100), [2])
+    loss = model(images(2), PROMPT, np.ones_like(PROMPT), np.full_like(PROMPT, -100), [2]).loss
     assert np.isnan(float(loss))
 
 

@@ -8,7 +8,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 
 def test_vchat_jax_does_not_import_torch():
-    code = ("import sys, vchat_jax, vchat_jax.generate, vchat_jax.golden, convert.torch_jax\n"
+    code = ("import sys, vchat_jax, vchat_jax.generate, vchat_jax.golden, vchat_jax.state_dict\n"
             "from vchat_jax.golden import load_golden_model\n"
             "load_golden_model('tests/golden/qwen-mmca')\n"
             "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"

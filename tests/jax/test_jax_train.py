@@ -1,4 +1,4 @@
-"""vchat_jax.train: one step equals a hand-written AdamW over the reference's groups, the loss falls on the
+"""vchat_jax.train and vchat_jax.optim: one step equals a hand-written AdamW over the reference's groups, the loss falls on the
 synthetic data, the step does not depend on the mesh (8 forced host devices, in a subprocess), and an orbax
 train state round-trips bit-exactly and training goes on identically. One Trainer (one compiled step) is
 shared by the tests of this process."""
@@ -17,7 +17,9 @@ from vchat.config import PRESETS
 from vchat.data import (Budget, EncodedDataset, ImageProcessor, SyntheticDataset, iterate_batches,
                         synthetic_text_tokenizer)
 from vchat_jax import VisualChat
-from vchat_jax.train import GROUPS, OptimizerConfig, Trainer, group_of, lr_lambda, param_labels
+from vchat.param_groups import GROUPS, group_of
+from vchat_jax.optim import OptimizerConfig, lr_lambda, param_labels
+from vchat_jax.train import Trainer
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CFG = PRESETS["tiny"].replace(mmca=True, compat="fixed")
@@ -158,7 +160,8 @@ from vchat.data import (Budget, EncodedDataset, ImageProcessor, SyntheticDataset
                         synthetic_text_tokenizer)
 from vchat_jax import VisualChat
 from vchat_jax.sharding import make_mesh
-from vchat_jax.train import OptimizerConfig, Trainer
+from vchat_jax.optim import OptimizerConfig
+from vchat_jax.train import Trainer
 
 t = PRESETS["tiny"]
 cfg = t.replace(vision=dataclasses.replace(t.vision, num_hidden_layers=1),
@@ -214,7 +217,7 @@ def test_step_is_mesh_invariant_on_8_host_devices():
 def test_cli_trains_saves_and_resumes(tmp_path, capsys):
     import dataclasses
 
-    from vchat_jax.cli import main
+    from vchat_jax.cli import train_main as main
     from vchat_jax.train import latest_step
 
     small = CFG.replace(vision=dataclasses.replace(CFG.vision, num_hidden_layers=1),

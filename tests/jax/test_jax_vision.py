@@ -1,11 +1,12 @@
-"""The fixed tables of the vision side: the bicubic resize matrix against torch's F.interpolate
-(bicubic, align_corners=False) and the 2-D sin-cos table."""
+"""The JAX position-table resize: vchat/vision_math.py's bicubic matrix, as vchat_jax applies it, against
+torch's F.interpolate (bicubic, align_corners=False). The tables themselves: tests/core/test_vision_math.py."""
 
 import numpy as np
 import pytest
 import torch
 
-from vchat_jax.vision import bicubic_matrix, resize_abs_pos, sincos_2d
+from vchat.vision_math import bicubic_matrix
+from vchat_jax.vision import resize_abs_pos
 
 
 def _torch_resize(table, src, tgt):
@@ -27,22 +28,6 @@ def test_bicubic_matrix_matches_torch_interpolate(src, tgt):
                                atol=5e-6, rtol=0)
 
 
-def test_bicubic_rows_sum_to_one():
-    for src, tgt in [(16, 4), (4, 16), (7, 5)]:
-        np.testing.assert_allclose(bicubic_matrix(src, tgt).sum(1), 1.0, atol=1e-6)
-
-
 def test_resize_is_identity_when_sizes_match():
     table = np.arange(32, dtype=np.float32).reshape(16, 2)
     assert resize_abs_pos(table, 16) is table
-
-
-def test_sincos_table():
-    t = sincos_2d(8, 3)  # (9, 8): [sin x | cos x] over the column index, then [sin y | cos y] over the row
-    assert t.shape == (9, 8) and t.dtype == np.float32
-    col, row = np.tile(np.arange(3), 3), np.repeat(np.arange(3), 3)
-    omega = 1.0 / 10000 ** (np.arange(2) / 2.0)
-    np.testing.assert_allclose(t[:, 0:2], np.sin(col[:, None] * omega), atol=1e-6)
-    np.testing.assert_allclose(t[:, 2:4], np.cos(col[:, None] * omega), atol=1e-6)
-    np.testing.assert_allclose(t[:, 4:6], np.sin(row[:, None] * omega), atol=1e-6)
-    np.testing.assert_allclose(t[:, 6:8], np.cos(row[:, None] * omega), atol=1e-6)

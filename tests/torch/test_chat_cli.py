@@ -4,13 +4,14 @@ rounds, numbering, paths and the CSV are the reference's, and bad input is named
 import csv
 import io
 import json
+import re
 
 import pytest
 import torch
 
 from vchat.cli import main as vchat_main
 from vchat.config import preset
-from vchat.data import DataError, ImageProcessor, build_synthetic_tokenizer, synthetic_text_tokenizer
+from vchat.data import ImageProcessor, build_synthetic_tokenizer, synthetic_text_tokenizer
 from vchat.data.shapes import Shape, draw_shapes
 from vchat_torch import VisualChat
 from vchat_torch.chat import ChatSession
@@ -114,16 +115,18 @@ def test_eval_writes_the_reference_csv(ckpt, tmp_path):
         (data["multi"][2][0], [])], root)
 
 
-def test_eval_bad_input_is_named(ckpt, tmp_path):
+def test_eval_bad_input_is_named(ckpt, tmp_path, capsys):
+    """A user error is one line on stderr and exit status 1 (vchat/cli.py)."""
     root, _ = ckpt
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"t1": [["q?", "img0.png"], [3]]}))
-    with pytest.raises(SystemExit, match=r"test 't1' round 2: expected"):
-        vchat_main(["eval", str(root / "ckpt"), str(bad)])
+    assert vchat_main(["eval", str(root / "ckpt"), str(bad), "--output_filename", str(tmp_path / "x.csv")]) == 1
+    assert re.search(r"test 't1' round 2: expected", capsys.readouterr().err)
     missing = tmp_path / "missing.json"
     missing.write_text(json.dumps({"t2": [["q?", "nowhere.png"]]}))
-    with pytest.raises(DataError, match=r"test 't2' round 1 image 1: image file .*nowhere.png not found"):
-        vchat_main(["eval", str(root / "ckpt"), str(missing), "--output_filename", str(tmp_path / "x.csv")])
+    assert vchat_main(["eval", str(root / "ckpt"), str(missing), "--output_filename", str(tmp_path / "x.csv")]) == 1
+    assert re.search(r"test 't2' round 1 image 1: image file .*nowhere.png not found", capsys.readouterr().err)
     assert not (tmp_path / "x.csv").exists()
-    with pytest.raises(SystemExit, match="no tokenizer"):
-        vchat_main(["eval", str(root / "ckpt"), str(missing), "--tokenizer", str(tmp_path / "none.json")])
+    assert vchat_main(["eval", str(root / "ckpt"), str(missing), "--tokenizer", str(tmp_path / "none.json"),
+                       "--output_filename", str(tmp_path / "x.csv")]) == 1
+    assert "no tokenizer" in capsys.readouterr().err

@@ -58,13 +58,11 @@ def test_text_only_prompt_and_sampling_is_seeded():
     ids = torch.tensor([[1, 5, 6, 7, 8]])
     greedy = model.generate(None, ids, max_new_tokens=4)
     assert greedy.ids.shape == (1, 4)
-    s1 = model.generate(None, ids, max_new_tokens=6, do_sample=True, top_k=5, top_p=0.9,
-                        generator=torch.Generator().manual_seed(3))
-    s2 = model.generate(None, ids, max_new_tokens=6, do_sample=True, top_k=5, top_p=0.9,
-                        generator=torch.Generator().manual_seed(3))
+    s1 = model.generate(None, ids, max_new_tokens=6, do_sample=True, top_k=5, top_p=0.9, seed=3)
+    s2 = model.generate(None, ids, max_new_tokens=6, do_sample=True, top_k=5, top_p=0.9, seed=3)
     assert torch.equal(s1.ids, s2.ids)
     # top_k=1 sampling is greedy
-    k1 = model.generate(None, ids, max_new_tokens=4, do_sample=True, top_k=1, generator=torch.Generator())
+    k1 = model.generate(None, ids, max_new_tokens=4, do_sample=True, top_k=1, seed=0)
     assert torch.equal(k1.ids, greedy.ids)
 
 

@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 from vchat.config import preset
 from vchat_torch import VisualChat
 from vchat_torch.checkpoint import load_state_dict_strict, save_pretrained
+from vchat_torch.distributed import export_state_dict
 from vchat_torch.lora import lora_layers, merge_lora
-from vchat_torch.train import build_model, export_state_dict
+from vchat_torch.train import build_model
 from torch_helpers import args_for, tiny_qwen_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

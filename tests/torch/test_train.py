@@ -124,7 +124,7 @@ def zero0_checkpoint_loads_and_converts(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     import numpy as np
 
-    from convert.torch_jax import to_state_dict
+    from vchat_jax.state_dict import to_state_dict
     from vchat_jax import VisualChat as JaxVisualChat
 
     assert (tmp_path / "jax" / "tokenizer.json").read_text() == (ds / "tokenizer.json").read_text()

@@ -124,14 +124,33 @@ def broadcast_flag(values: Sequence, n: int, flag: str) -> list:
     raise ValueError(f"{flag}: give one value or one per dataset ({n}), got {len(values)}")
 
 
+def check_images(reader: Reader, skip_missing: bool = False) -> None:
+    """Refuse a dataset whose annotations name missing image files, or drop those annotations."""
+    missing = reader.missing_images()
+    if not missing:
+        return
+    if not skip_missing:
+        raise DataError(f"{len(missing)} of {len(reader)} samples of dataset {reader.name} name missing images, "
+                        f"first: {missing[0][1]} ({reader.origin(missing[0][0])}); --skip_missing_images "
+                        f"drops them")
+    if len(missing) == len(reader):
+        raise DataError(f"all {len(reader)} samples of dataset {reader.name} name missing images, "
+                        f"first: {missing[0][1]}")
+    reader.drop([i for i, _ in missing], "missing image file")
+
+
 def build_mixture(data_root: str, dataset_names: Sequence[str], dataset_samples: Sequence = ("all",),
                   dataset_concatenate_samples: Sequence = (1,), max_num_image_per_sample: int = 8,
-                  seed: int = 1234, reader_kwargs: dict | None = None, verbose: bool = True) -> Mixture:
+                  seed: int = 1234, reader_kwargs: dict | None = None, verbose: bool = True,
+                  skip_missing_images: bool = False) -> Mixture:
     """The training mixture from the reference's flags.
 
     dataset_samples: per dataset `"all"` or a count of (grouped) samples to draw without replacement;
     dataset_concatenate_samples: per dataset the largest group k. `reader_kwargs` maps a dataset
     name to extra reader arguments (e.g. `{"coco_caption": {"splits": ("train",)}}`).
+    Every image file a dataset names must exist (checked here, before any training): a DataError
+    counts the annotations that name missing ones, unless `skip_missing_images` drops them (counted
+    in the reader's `skipped`).
     """
     names = list(dataset_names)
     if not names:
@@ -141,6 +160,7 @@ def build_mixture(data_root: str, dataset_names: Sequence[str], dataset_samples:
     parts = []
     for name, n, k in zip(names, samples, ks):
         reader = make_reader(name, data_root, max_num_image_per_sample, **(reader_kwargs or {}).get(name, {}))
+        check_images(reader, skip_missing_images)
         rng = np.random.default_rng(stable_seed(seed, name, "mixture"))
         grouped = GroupedDataset(reader, random_grouping(len(reader), k, rng), seed=seed)
         if str(n) != "all":

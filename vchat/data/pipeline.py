@@ -124,7 +124,8 @@ def build_training_data(args, cfg, verbose: bool = True) -> tuple[EncodedDataset
     """(train, eval) datasets and the tokenizer's JSON from the trainers' flags (`vchat train` and
     `vchat train-jax` share them): data_path, dataset_names, dataset_samples,
     dataset_concatenate_samples, max_num_image_per_sample, data_train_split_ratio, max_seq_len, seed,
-    synthetic_samples, tokenizer. `synthetic` alone, not on disk under data_path, is generated."""
+    synthetic_samples, skip_missing_images, tokenizer. `synthetic` alone, not on disk under data_path,
+    is generated."""
     import os
 
     from vchat.data.mix import build_mixture, split_train_eval
@@ -142,7 +143,7 @@ def build_training_data(args, cfg, verbose: bool = True) -> tuple[EncodedDataset
     else:
         source = build_mixture(args.data_path, args.dataset_names, args.dataset_samples,
                                args.dataset_concatenate_samples, args.max_num_image_per_sample, seed=args.seed,
-                               verbose=verbose)
+                               verbose=verbose, skip_missing_images=args.skip_missing_images)
     if len(source) == 0:
         raise SystemExit(f"the datasets {args.dataset_names} under {args.data_path} hold no sample")
     train, evaluate = split_train_eval(source, args.data_train_split_ratio, seed=args.seed)

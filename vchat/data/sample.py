@@ -21,12 +21,13 @@ from typing import Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from vchat.errors import UserError
 from vchat.template import Round
 
 ImageRef = Union[str, os.PathLike, bytes, Image.Image]
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data: the message names the dataset, the sample and the file."""
 
 

@@ -26,9 +26,11 @@ import os
 import random
 from typing import TYPE_CHECKING
 
+from vchat.checkpoint_files import TOKENIZER_NAME
 from vchat.data.readers.base import Reader
 from vchat.data.sample import Sample, Turn, stable_seed
 from vchat.data.shapes import COLOURS, SHAPES, Shape, draw_shapes
+from vchat.io import writing_file
 from vchat.template import DEFAULT_HUMAN_IMAGE_PRETOKEN, DEFAULT_IMAGE_TOKEN, MAX_IMAGES, Round, build_conversation
 
 if TYPE_CHECKING:
@@ -170,11 +172,9 @@ def save_synthetic(directory: str, num_samples: int = 1000, seed: int = 0, image
             conv.append({"from": "human", "value": f"{DEFAULT_IMAGE_TOKEN}\n" * len(turn.images) + turn.question})
             conv.append({"from": "gpt", "value": turn.answer})
         records.append({"id": f"{i:06d}", "image": files, "conversations": conv})
-    tmp = os.path.join(out, "synthetic.json.tmp")
-    with open(tmp, "w") as f:
+    with writing_file(os.path.join(out, "synthetic.json")) as f:
         json.dump(records, f, indent=1)
-    os.replace(tmp, os.path.join(out, "synthetic.json"))
-    build_synthetic_tokenizer().save(os.path.join(out, "tokenizer.json"))
+    build_synthetic_tokenizer().save(os.path.join(out, TOKENIZER_NAME))
     return out
 
 

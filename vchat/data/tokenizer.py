@@ -9,10 +9,12 @@ with `add_special_tokens=False`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from vchat.template import DEFAULT_HUMAN_IMAGE_PRETOKEN, DEFAULT_IMAGE_TOKEN
+from vchat.errors import UserError
+from vchat.template import DEFAULT_HUMAN_IMAGE_PRETOKEN, DEFAULT_IMAGE_TOKEN, SPECIAL_TOKENS
 
 
 def _is_tokenizers(obj) -> bool:
@@ -52,6 +54,52 @@ class TextTokenizer:
             return list(self.backend.encode(text, add_special_tokens=False).ids)
         out = self.backend.encode(text)
         return [int(i) for i in getattr(out, "ids", out)]
+
+    def special_strings(self) -> dict[str, int]:
+        """The strings the tokenizer turns into special ids when they occur in text, with their ids:
+        every special token of a `tokenizers` backend (BOS, EOS, `<image>`, `### Image:`, ...), the
+        template's two otherwise."""
+        if _is_tokenizers(self.backend):
+            return {t.content: i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+        return {DEFAULT_HUMAN_IMAGE_PRETOKEN: self.image_pretoken_id, DEFAULT_IMAGE_TOKEN: self.image_id}
+
+    def encode_parts(self, parts: list[tuple[str, bool]]) -> list[int]:
+        """Ids of `(text, is_user)` parts (`vchat.template.round_parts`): the template's special
+        strings become special ids, the user's text is text. Without a special string in the user's
+        parts this is `encode` of the joined text (as in training); with one, the text between the
+        template's specials is encoded with special-token matching off, so the user's `<image>`,
+        `### Image:` or `</s>` are characters, never special ids."""
+        specials = self.special_strings()
+        if not any(sp in text for text, user in parts if user for sp in specials):
+            return self.encode("".join(text for text, _ in parts))
+        pattern = re.compile("|".join(re.escape(sp) for sp in sorted(specials, key=len, reverse=True)))
+        pieces: list[str | int] = [""]  # text runs between the template's specials, and the specials' ids
+        for text, user in parts:
+            pos = 0
+            for m in [] if user else pattern.finditer(text):
+                pieces[-1] += text[pos:m.start()]
+                pieces += [specials[m.group()], ""]
+                pos = m.end()
+            pieces[-1] += text[pos:]
+        ids = []
+        for piece in pieces:
+            ids += [piece] if isinstance(piece, int) else self._encode_as_text(piece) if piece else []
+        return ids
+
+    def _encode_as_text(self, text: str) -> list[int]:
+        """`encode(text)` with special strings as characters; refuses a backend that cannot."""
+        if _is_tokenizers(self.backend):
+            before = self.backend.encode_special_tokens
+            self.backend.encode_special_tokens = True
+            try:
+                return self.encode(text)
+            finally:
+                self.backend.encode_special_tokens = before
+        ids = self.encode(text)
+        if (set(self.special_strings().values()) | {self.bos_id, self.eos_id}) & set(ids):
+            raise UserError(f"{text!r} holds a special string ({', '.join(SPECIAL_TOKENS)}) that this tokenizer "
+                            f"cannot encode as text")
+        return ids
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]

@@ -19,7 +19,15 @@ import random
 from vchat.data.sample import DataError, Sample, sample_rng
 
 
+def require_root(root: str, name: str) -> None:
+    """A data root that is not there is named as such, not as its first missing sub-folder."""
+    if not os.path.isdir(root):
+        what = "is not a directory" if os.path.exists(root) else "does not exist"
+        raise DataError(f"dataset {name}: the data root {root} (--data_path) {what}")
+
+
 def require_dir(root: str, rel: str, name: str) -> str:
+    require_root(root, name)
     path = os.path.join(root, rel)
     if not os.path.isdir(path):
         raise DataError(f"dataset {name}: image directory {path} not found (expected <data_root>/{rel})")
@@ -27,6 +35,7 @@ def require_dir(root: str, rel: str, name: str) -> str:
 
 
 def require_file(root: str, rel: str, name: str) -> str:
+    require_root(root, name)
     path = os.path.join(root, rel)
     if not os.path.isfile(path):
         raise DataError(f"dataset {name}: annotation file {path} not found (expected <data_root>/{rel})")
@@ -44,6 +53,24 @@ def load_json(path: str, name: str, key: str | None = None):
             raise DataError(f"dataset {name}: {path} has no top-level key {key!r}")
         data = data[key]
     return data
+
+
+class FileIndex:
+    """`path in index`: is `path` a file? One directory listing per folder, so checking the images of
+    every annotation costs a listing of each image folder, not a stat per image."""
+
+    def __init__(self):
+        self.folders: dict[str, frozenset[str]] = {}
+
+    def __contains__(self, path: str) -> bool:
+        folder, base = os.path.split(os.path.abspath(path))
+        if folder not in self.folders:
+            try:
+                with os.scandir(folder) as it:
+                    self.folders[folder] = frozenset(e.name for e in it if e.is_file())
+            except OSError:
+                self.folders[folder] = frozenset()
+        return base in self.folders[folder]
 
 
 class Reader:
@@ -67,6 +94,27 @@ class Reader:
 
     def _skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def image_files(self, index: int) -> list[str]:
+        """The image files annotation `index` names (in-memory images are not files). Readers name
+        the same images whatever the random draw, so one draw with a fixed stream lists them."""
+        sample = self.get(index, rng=random.Random(0))
+        return [os.fspath(im) for im in sample.images if isinstance(im, (str, os.PathLike))]
+
+    def missing_images(self) -> list[tuple[int, str]]:
+        """(annotation, first missing file) for each annotation naming an image file that is not there."""
+        index, missing = FileIndex(), []
+        for i in range(len(self)):
+            gone = [f for f in self.image_files(i) if f not in index]
+            if gone:
+                missing.append((i, gone[0]))
+        return missing
+
+    def drop(self, indices, reason: str) -> None:
+        """Leave annotations `indices` out, counting them in `skipped` under `reason`."""
+        gone = set(indices)
+        self.items = [a for i, a in enumerate(self.items) if i not in gone]
+        self.skipped[reason] = self.skipped.get(reason, 0) + len(gone)
 
     def origin(self, index: int) -> str:
         return f"{self.name}[{index}]"

@@ -145,6 +145,10 @@ class OtterBase64Reader(OtterReader):
     def _image(self, image_id: str, index: int):
         return self.store.get(image_id, self.origin(index))
 
+    def image_files(self, index: int) -> list[str]:
+        """None: the images are in the store, and `_keep` kept only ids it holds."""
+        return []
+
 
 class OtterSdReader(OtterBase64Reader):
     name = "otter_mimicit_sd"

@@ -149,18 +149,18 @@ class OcrVqaReader(Reader):
         for key, a in raw.items():
             filename = key + os.path.splitext(a["imageURL"])[1]
             path = os.path.join(self.image_dir, filename)
-            try:
-                with Image.open(path) as im:
-                    w, h = im.size
-            except FileNotFoundError as e:
-                raise DataError(f"dataset {self.name}: image file {path} of annotation {key!r} not found") from e
-            except (UnidentifiedImageError, OSError) as e:
-                raise DataError(f"dataset {self.name}: cannot read image {path} of annotation {key!r}: {e}") from e
-            if w > 1 and h > 1:
-                self.items.append({**a, "filename": filename, "key": key})
-            else:
+            if os.path.isfile(path) and min(self._size(path, key)) <= 1:
                 self._skip("image side <= 1")
+            else:  # a missing cover is kept here: the mixture's image check counts it
+                self.items.append({**a, "filename": filename, "key": key})
         self._check_nonempty(ann)
+
+    def _size(self, path: str, key: str) -> tuple[int, int]:
+        try:
+            with Image.open(path) as im:
+                return im.size
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"dataset {self.name}: cannot read image {path} of annotation {key!r}: {e}") from e
 
     def sample(self, index: int, rng: random.Random) -> Sample:
         a = self.items[index]

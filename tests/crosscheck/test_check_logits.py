@@ -35,10 +35,3 @@ def test_check_logits_passes_and_fails(golden_dir, tmp_path):
     ok = vchat("check-logits", golden_dir, "--atol", "1e-5")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "6 of 6 cases within tolerance" in ok.stdout
-
-
-def test_help_and_unknown_command():
-    r = vchat("--help")
-    assert r.returncode == 0 and "check-logits" in r.stdout
-    r = vchat("frobnicate")
-    assert r.returncode == 2 and "unknown command 'frobnicate'" in r.stderr

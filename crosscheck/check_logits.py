@@ -19,19 +19,8 @@ import time
 from vchat.golden import DEFAULT_ATOL, compare, list_cases, load_case
 
 
-def parse_mesh(text: str | None) -> dict[str, int] | None:
-    if not text:
-        return None
-    mesh = {}
-    for part in text.split(","):
-        name, _, size = part.partition("=")
-        if name not in ("data", "fsdp", "tensor") or not size.isdigit():
-            raise argparse.ArgumentTypeError(f"bad mesh entry {part!r}: expected data=N,fsdp=N,tensor=N")
-        mesh[name] = int(size)
-    return mesh
-
-
-def runner(framework: str, mesh):
+def runner(framework: str, mesh: str | None):
+    """The golden runner of a framework: case_dir -> outputs (vchat_torch.golden / vchat_jax.golden)."""
     if framework == "torch":
         if mesh:
             raise SystemExit("--mesh applies to --framework jax only")
@@ -39,8 +28,13 @@ def runner(framework: str, mesh):
 
         return run_golden
     from vchat_jax.golden import run_golden as run_jax
+    from vchat_jax.sharding import parse_mesh
 
-    return lambda case_dir: run_jax(case_dir, mesh=mesh)
+    try:
+        shape = parse_mesh(mesh)
+    except ValueError as e:
+        raise SystemExit(f"--mesh: {e}") from None
+    return lambda case_dir: run_jax(case_dir, mesh=shape)
 
 
 def main(argv: list[str] | None = None, prog: str = "vchat check-logits") -> int:
@@ -50,7 +44,7 @@ def main(argv: list[str] | None = None, prog: str = "vchat check-logits") -> int
     ap.add_argument("--framework", choices=("torch", "jax"), default="torch")
     ap.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="max |logit diff| at non-padding positions")
     ap.add_argument("--loss-atol", type=float, default=1e-5)
-    ap.add_argument("--mesh", type=parse_mesh, default=None, help="JAX mesh, e.g. data=2,fsdp=2,tensor=2")
+    ap.add_argument("--mesh", default=None, help="JAX mesh, e.g. data=2,fsdp=2,tensor=2")
     args = ap.parse_args(argv)
 
     cases = []

@@ -1,4 +1,4 @@
-"""convert.torch_jax and the param_map table: reference checkpoints -> vchat_jax -> state dict, bit-exact,
+"""vchat_jax.state_dict, vchat.torch_pickle and the vchat.param_map table: reference checkpoints -> vchat_jax -> state dict, bit-exact,
 and strict errors that name the offending key."""
 
 import json
@@ -9,10 +9,11 @@ import pytest
 import torch
 from flax import nnx
 
-from convert.param_map import RULES, TRANSFORMS, expand
-from convert.torch_jax import ConversionError, load_state_dict, read_torch_bin, state_dict_to_params, to_state_dict
 from vchat.config import ModelConfig
+from vchat.param_map import RULES, TRANSFORMS, expand
+from vchat.torch_pickle import read_torch_bin
 from vchat_jax import VisualChat
+from vchat_jax.state_dict import ConversionError, load_state_dict, state_dict_to_params, to_state_dict
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "..", "golden")
 CASES = json.load(open(os.path.join(GOLDEN, "index.json")))
@@ -75,7 +76,7 @@ def test_a_checkpoint_for_another_projection_is_refused():
 
 
 def test_reverse_direction_is_strict():
-    from convert.torch_jax import params_to_state_dict
+    from vchat_jax.state_dict import params_to_state_dict
 
     cfg, sd, _ = _tiny()
     params = state_dict_to_params(sd, cfg)

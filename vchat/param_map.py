@@ -3,7 +3,7 @@
 Each rule names a parameter twice: as the reference (and vchat_torch) state-dict key, and as the path
 of the leaf in vchat_jax's NNX state, with `{}` standing for a layer index; and it names a layout
 transform whose inverse sits beside it (`TRANSFORMS`). `expand(config)` instantiates the rules a
-given model has. Converters (convert/torch_jax.py) are strict: every source key is used once, every
+given model has. Converters (vchat_jax/state_dict.py, convert/) are strict: every source key is used once, every
 target produced once, shapes are checked per key, and leftovers are listed by name.
 
 Layouts: torch Linear weight (out, in) <-> flax kernel (in, out); torch Conv2d weight OIHW <-> flax
@@ -48,7 +48,8 @@ class Rule:
     torch: str  # state-dict key template, `{}` = layer index
     jax: str  # dotted NNX state path template (integers are list indices)
     transform: str  # a key of TRANSFORMS
-    when: str  # which models have it: "always", "clip", "qwen", "qwen_kv_proj", "baseline", "vit", "perceiver"
+    when: str  # which models have it: "always", "untied", "clip", "qwen", "qwen_kv_proj", "baseline", "vit",
+    #            "perceiver"
     layers: str | None = None  # what `{}` counts: "vision" or "llm" layers
 
 
@@ -132,8 +133,12 @@ RULES: list[Rule] = [
     Rule(f"{_L}.input_layernorm.weight", f"{_L}.input_layernorm.weight", "id", "always", "llm"),
     Rule(f"{_L}.post_attention_layernorm.weight", f"{_L}.post_attention_layernorm.weight", "id", "always", "llm"),
     Rule("lang_decoder.model.norm.weight", "lang_decoder.model.norm.weight", "id", "always"),
-    Rule("lang_decoder.lm_head.weight", "lang_decoder.lm_head.kernel", "linear", "always"),
+    Rule("lang_decoder.lm_head.weight", "lang_decoder.lm_head.kernel", "linear", "untied"),
 ]
+
+# With llm.tie_word_embeddings the decoder's lm_head IS embed_tokens: JAX has no lm_head parameter and a
+# torch state dict (which lists a tied tensor under both names) holds the alias: alias -> its source key.
+TIED_ALIASES = {"lang_decoder.lm_head.weight": "lang_decoder.model.embed_tokens.weight"}
 
 
 @dataclass(frozen=True)
@@ -166,9 +171,16 @@ def active_tags(config) -> set[str]:
     """The `when` tags of the rules a ModelConfig's model has."""
     v = config.vision
     tags = {"always", v.kind, config.projection.kind}
+    if not config.llm.tie_word_embeddings:
+        tags.add("untied")
     if v.kind == "qwen" and v.hidden_size != v.output_dim:
         tags.add("qwen_kv_proj")
     return tags
+
+
+def tied_aliases(config) -> dict[str, str]:
+    """The alias keys (-> source key) a torch state dict of this model holds beside the table's keys."""
+    return dict(TIED_ALIASES) if config.llm.tie_word_embeddings else {}
 
 
 def expand(config) -> list[Entry]:

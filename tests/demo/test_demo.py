@@ -1,4 +1,4 @@
-"""The main job's scoring helpers, and (slow) the whole demo on a small budget."""
+"""The demo's scoring helpers, and (slow) the whole demo on a small budget."""
 
 import json
 import os
@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from vchat.demo import Question, accuracy, left_pad, parse_curriculum
+from demo.run import parse_curriculum
+from demo.scoring import Question, accuracy, left_pad, right_pad
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -26,6 +27,11 @@ def test_accuracy_is_exact_match_per_kind():
 def test_left_pad():
     ids, mask = left_pad([q([1, 5], "a", "colour"), q([1, 6, 7], "b", "count")], pad_id=2)
     assert ids.tolist() == [[2, 1, 5], [1, 6, 7]] and mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+
+
+def test_right_pad():
+    ids, mask = right_pad([q([1, 5], "a", "colour"), q([1, 6, 7], "b", "count")], pad_id=2)
+    assert ids.tolist() == [[1, 5, 2], [1, 6, 7]] and mask.tolist() == [[1, 1, 0], [1, 1, 1]]
 
 
 def test_parse_curriculum():

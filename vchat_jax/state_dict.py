@@ -1,6 +1,8 @@
-"""Torch state dicts (numpy arrays by reference/torch key) <-> vchat_jax parameters, through param_map.
+"""Torch-keyed state dicts (numpy arrays by reference/torch key) <-> vchat_jax parameters, through
+vchat/param_map.py's table.
 
-    from convert.torch_jax import read_torch_bin, load_state_dict, to_state_dict
+    from vchat.torch_pickle import read_torch_bin
+    from vchat_jax.state_dict import load_state_dict, to_state_dict
     sd = read_torch_bin("tests/golden/qwen-mmca/pytorch_model.bin")   # no torch needed
     model = vchat_jax.VisualChat(config, nnx.Rngs(0)); load_state_dict(model, sd)
     assert all((to_state_dict(model)[k] == sd[k]).all() for k in sd)  # bit-exact both ways
@@ -11,29 +13,32 @@ each shape is checked against the model's, and anything left over is listed by n
 
 from __future__ import annotations
 
-import pickle
-import zipfile
-
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from vchat.errors import UserError
 from vchat.io import list_names as _names
+from vchat.param_map import expand, format_path, tied_aliases
 
-from .param_map import expand, format_path
 
-
-class ConversionError(ValueError):
+class ConversionError(UserError):
     pass
 
 
 def _model_params(model) -> dict[tuple, object]:
-    from flax import nnx
-
     return {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def state_dict_to_params(sd: dict, config, shapes: dict[tuple, tuple] | None = None) -> dict[tuple, np.ndarray]:
-    """Torch-keyed arrays -> {JAX path: array}. `shapes` ({path: shape}) checks each result."""
+    """Torch-keyed arrays -> {JAX path: array}. `shapes` ({path: shape}) checks each result. A tied
+    lm_head's alias key (vchat.param_map.tied_aliases), if present, must equal its source and is dropped."""
     entries = expand(config)
+    aliases = tied_aliases(config)
+    for alias, source in aliases.items():
+        if alias in sd and source in sd and not np.array_equal(np.asarray(sd[alias]), np.asarray(sd[source])):
+            raise ConversionError(f"{alias} differs from {source}, but the config ties them (tie_word_embeddings)")
+    sd = {k: v for k, v in sd.items() if k not in aliases}
     missing = [e.torch for e in entries if e.torch not in sd]
     extra = set(sd) - {e.torch for e in entries}
     if missing or extra:
@@ -71,8 +76,6 @@ def params_to_state_dict(params: dict[tuple, np.ndarray], config) -> dict[str, n
 
 def load_state_dict(model, sd: dict) -> None:
     """Strictly load a torch-keyed state dict into a vchat_jax.VisualChat in place (dtype of the model)."""
-    import jax.numpy as jnp
-
     live = _model_params(model)
     shapes = {p: tuple(v.shape) for p, v in live.items()}
     params = state_dict_to_params(sd, model.config, shapes)
@@ -85,57 +88,3 @@ def to_state_dict(model) -> dict[str, np.ndarray]:
     """A vchat_jax.VisualChat's parameters as a torch-keyed dict of numpy arrays."""
     params = {p: np.asarray(v[...]) for p, v in _model_params(model).items()}
     return params_to_state_dict(params, model.config)
-
-
-# -- reading torch.save files without torch -------------------------------------------------------------
-
-_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-           "BFloat16Storage": "bfloat16", "LongStorage": np.int64, "IntStorage": np.int32,
-           "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
-
-
-class _StorageType:
-    def __init__(self, name: str):
-        self.name = name
-
-
-def _rebuild_tensor(storage, offset, size, stride, *args):
-    itemsize = storage.dtype.itemsize
-    return np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
-                                           strides=tuple(s * itemsize for s in stride)).copy()
-
-
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, f, zf: zipfile.ZipFile, prefix: str):
-        super().__init__(f)
-        self.zf, self.prefix = zf, prefix
-
-    def find_class(self, module, name):
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _rebuild_tensor
-        if module == "torch" and name in _DTYPES:
-            return _StorageType(name)
-        if module == "collections" and name == "OrderedDict":
-            import collections
-
-            return collections.OrderedDict
-        raise pickle.UnpicklingError(f"unsupported object in checkpoint: {module}.{name}")
-
-    def persistent_load(self, pid):
-        _, stype, key, _location, _numel = pid
-        dtype = _DTYPES[stype.name]
-        if dtype == "bfloat16":
-            import ml_dtypes
-
-            dtype = ml_dtypes.bfloat16
-        return np.frombuffer(self.zf.read(f"{self.prefix}/data/{key}"), dtype=dtype)
-
-
-def read_torch_bin(path: str) -> dict[str, np.ndarray]:
-    """A `torch.save`d state dict (zip format) as {key: numpy array}, without importing torch."""
-    with zipfile.ZipFile(path) as zf:
-        pkl = next(n for n in zf.namelist() if n.endswith("/data.pkl"))
-        prefix = pkl[: -len("/data.pkl")]
-        with zf.open(pkl) as f:
-            sd = _Unpickler(f, zf, prefix).load()
-    return {k: np.asarray(v) for k, v in sd.items()}

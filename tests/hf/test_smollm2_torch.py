@@ -1,0 +1,56 @@
+"""SmolLM2-135M-Instruct, a real pretrained LLaMA, through VisualChat.from_hf (torch) with a tiny random CLIP
+tower: text-only input under MMCA (compat "fixed") is exactly the plain causal LM."""
+
+import pytest
+import torch
+from smollm2 import PARAGRAPH
+
+from vchat_torch.hf import from_hf
+
+RESULTS = {}
+
+
+@pytest.fixture(scope="module")
+def models(smollm2_dir, clip_dir):
+    from transformers import LlamaForCausalLM
+
+    vc = from_hf(smollm2_dir, clip_dir, mmca=True, compat="fixed")
+    ref = LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    return vc, ref
+
+
+def paragraph_ids(model) -> torch.Tensor:
+    ids = [model.config.bos_token_id] + model.tokenizer.encode(PARAGRAPH)
+    assert len(ids) >= 48
+    return torch.tensor([ids])
+
+
+def test_smollm2_geometry(models):
+    vc, _ = models
+    c = vc.config.llm
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (30, 576, 9, 3)
+    assert c.tie_word_embeddings and c.rope_theta == 1e5
+    assert c.vocab_size == 49152 + 2  # "### Image:" and "<image>"; the tokenizer has a pad token, no "<PAD>"
+    assert vc.lang_decoder.lm_head.weight is vc.lang_decoder.model.embed_tokens.weight
+
+
+def test_smollm2_text_logits_equal_transformers(models):
+    vc, ref = models
+    ids = paragraph_ids(vc)
+    with torch.no_grad():
+        want = ref(ids).logits
+        got = vc(None, ids, torch.ones_like(ids), pad_multiple=1).logits[:, :, : want.shape[-1]]
+    diff = float((got - want).abs().max())
+    RESULTS["torch vs transformers logits"] = diff
+    print(f"SmolLM2 text-only logits, vchat_torch vs transformers LlamaForCausalLM: max abs diff {diff:.2e}")
+    assert diff <= 1e-4
+
+
+def test_smollm2_greedy_equals_transformers(models):
+    vc, ref = models
+    ids = paragraph_ids(vc)
+    with torch.no_grad():
+        want = ref.generate(ids, do_sample=False, max_new_tokens=20, min_new_tokens=20)[0, ids.shape[1]:]
+    got = vc.generate(None, ids, max_new_tokens=20, eos_token_id=-1).ids[0]
+    assert got.tolist() == want.tolist()
+    assert any(c.isalpha() for c in vc.tokenizer.decode(got.tolist()))
