@@ -24,7 +24,7 @@ from typing import Callable
 from vchat.config import CONFIG_NAME, ModelConfig
 from vchat.hf import QWEN_VL_PREFIX, VISION_LAYOUTS
 from vchat.hf_io import ShardedWriter, TensorInfo
-from vchat.hf_plan import EXPORT_CONFIG, EXPORT_WEIGHTS, LM_HEAD
+from vchat.hf_plan import EXPORT_CONFIG, EXPORT_WEIGHTS
 from vchat.io import writing_dir
 from vchat.param_map import expand
 
@@ -113,8 +113,7 @@ def export_hf(dst: str, config: ModelConfig, infos: dict[str, tuple[str, tuple]]
         raise ValueError(f"vision layout must be one of {VISION_LAYOUTS}, got {layout!r}")
     if layout.startswith("clip_"):
         layout = "clip_vision"  # the text tower is not kept: a CLIPModel comes back as its vision model
-    tied = config.llm.tie_word_embeddings
-    keys = [e.torch for e in expand(config) if not (tied and e.torch == LM_HEAD)]
+    keys = [e.torch for e in expand(config)]  # a tied lm_head is no tensor of its own
     groups: dict[str, list[TensorInfo]] = {"lm": [], "vision": [], "": []}
     names = {}
     for key in keys:

@@ -244,8 +244,6 @@ def _sources(config: ModelConfig, lm: WeightIndex, vision: VisionSource, extra: 
         key = entry.torch
         if key.startswith("vis_encoder."):
             out[key] = from_file(vision.index, key, vision.file_key(key))
-        elif key == LM_HEAD and tied:
-            out[key] = Source("same", key=EMBED)
         elif key.startswith("lang_decoder."):
             src = from_file(lm, key, key[len("lang_decoder."):])
             out[key] = Source("resize", src.file, src.key) if key in (EMBED, LM_HEAD) else src

@@ -138,31 +138,27 @@ def empty_row_mean(v, key_ok, offset, Lq: int, rows=None) -> jax.Array:
 
 
 def _tile(mmca: bool, q, k, m_q, m_k, offset, i, j, bq: int, bk: int):
-    """Scores (B, H, bq, bk) float32 of query block i against key block j and each branch's mask
-    (n, B, 1, bq, bk), made from the ids and positions of the tile (the oracle's branch_terms)."""
+    """Query block i against key block j: scores (B, H, bq, bk) float32, -inf where no branch allows
+    the key (the oracle's branch_terms, made from the tile's ids and positions), and each key's branch
+    (B, 1, 1, bk), True = image: a key's branch is its modality's, whatever the query."""
     qb = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=2)  # (B, H, bq, D)
     kb = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)  # (B, H, bk, D)
     s = jnp.einsum("bhqd,bhkd->bhqk", qb, kb, preferred_element_type=jnp.float32) / jnp.sqrt(
         jnp.float32(q.shape[-1]))
-    qi = offset + i * bq + jnp.arange(bq)  # (bq,) key index of each query
-    ki = j * bk + jnp.arange(bk)
-    causal = ki[None, :] <= qi[:, None]  # (bq, bk)
-    mq = jax.lax.dynamic_slice_in_dim(m_q, i * bq, bq, axis=1)[:, :, None]  # (B, bq, 1)
-    mk = jax.lax.dynamic_slice_in_dim(m_k, j * bk, bk, axis=1)[:, None, :]  # (B, 1, bk)
-    if mmca:
-        img = jnp.where(mq == 2, ki[None, None, :] == qi[None, :, None], mk == 2)  # image rows: self only
-        masks = [img & causal, (mk == 1) & causal]
+    qi = (offset + i * bq + jnp.arange(bq))[:, None]  # (bq, 1) key index of each query
+    ki = j * bk + jnp.arange(bk)[None, :]  # (1, bk)
+    mq = jax.lax.dynamic_slice_in_dim(m_q, i * bq, bq, axis=1)[:, None, :, None]  # (B, 1, bq, 1)
+    mk = jax.lax.dynamic_slice_in_dim(m_k, j * bk, bk, axis=1)[:, None, None, :]  # (B, 1, 1, bk)
+    if mmca:  # text keys for every query; image keys for non-image queries, an image query only itself
+        allowed = jnp.where(mq == 2, (ki == qi) | (mk == 1), mk > 0) & (ki <= qi)
     else:
-        masks = [(mk > 0) & causal]
-    return s, jnp.stack(masks)[:, :, None]
+        allowed = (mk > 0) & (ki <= qi)
+    return jnp.where(allowed, s, -jnp.inf), mk == 2
 
 
-def _select(masks, per_branch):
-    """Per-branch row values (n, B, H, bq) -> (B, H, bq, bk): each score's own branch's value."""
-    out = per_branch[-1][..., None]
-    for m, x in zip(masks[:-1], per_branch[:-1]):
-        out = jnp.where(m, x[..., None], out)
-    return out
+def _pick(is_img, per_branch):
+    """Each key's own branch's row value: per_branch (n, B, H, bq) -> (B, H, bq, bk)."""
+    return jnp.where(is_img, per_branch[0][..., None], per_branch[-1][..., None])
 
 
 def _key_blocks(offset, i, bq: int, bk: int, nk: int):
@@ -183,19 +179,32 @@ def _flash_fwd(mmca, bq, bk, q, k, v, m_q, m_k, offset):
         outs, lses = carry
 
         def k_block(j, c):
-            m, l, acc = c  # (n, B, H, bq), (n, B, H, bq), (n, B, H, bq, D)
-            s, masks = _tile(mmca, q, k, m_q, m_k, offset, i, j, bq, bk)
-            m_new = jnp.maximum(m, jnp.where(masks, s, -jnp.inf).max(-1))
+            m, l, acc = c  # running max and sum (n, B, H, bq); acc (B, H, bq, n * D): each branch's P @ V
+            s, is_img = _tile(mmca, q, k, m_q, m_k, offset, i, j, bq, bk)
+            if mmca:
+                block_max = jnp.stack(jax.lax.reduce((jnp.where(is_img, s, -jnp.inf), jnp.where(is_img, -jnp.inf, s)),
+                                                     (-jnp.inf, -jnp.inf), lambda x, y: (jnp.maximum(x[0], y[0]), jnp.maximum(x[1], y[1])), (3,)))
+            else:
+                block_max = s.max(-1)[None]
+            m_new = jnp.maximum(m, block_max)
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            p_all = jnp.exp(s - _select(masks, m_safe))  # (B, H, bq, bk): one exp for both branches
-            p = jnp.where(masks, p_all, 0.0)  # (n, B, H, bq, bk)
-            alpha = jnp.exp(m - m_safe)  # 0 while a row has seen no key of the branch
-            vb = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
-            pv = jnp.einsum("nbhqk,bhkd->nbhqd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
-            return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+            p = jnp.exp(s - _pick(is_img, m_safe))  # (B, H, bq, bk), both branches, 0 where not allowed
+            vb = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)  # (B, H, bk, D)
+            if mmca:
+                p_sums = jnp.stack(jax.lax.reduce((jnp.where(is_img, p, 0.0), jnp.where(is_img, 0.0, p)),
+                                                     (0.0, 0.0), lambda x, y: (x[0] + y[0], x[1] + y[1]), (3,)))
+                mk = jax.lax.dynamic_slice_in_dim(m_k, j * bk, bk, axis=1)[:, None, :, None]  # (B, 1, bk, 1)
+                vb = jnp.concatenate([vb * (mk == 2), vb * (mk != 2)], -1)  # (B, H, bk, 2D)
+            else:
+                p_sums = p.sum(-1)[None]
+            pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
+            alpha = jnp.exp(m - m_safe)  # (n, B, H, bq); 0 before any key
+            scale = jnp.moveaxis(jnp.repeat(alpha, D, axis=0), 0, -1)  # (B, H, bq, n * D)
+            return m_new, alpha * l + p_sums, scale * acc + pv
 
-        init = (jnp.full((nb, B, H, bq), -jnp.inf), jnp.zeros((nb, B, H, bq)), jnp.zeros((nb, B, H, bq, D)))
+        init = (jnp.full((nb, B, H, bq), -jnp.inf), jnp.zeros((nb, B, H, bq)), jnp.zeros((B, H, bq, nb * D)))
         m, l, acc = jax.lax.fori_loop(0, _key_blocks(offset, i, bq, bk, nk), k_block, init)
+        acc = jnp.moveaxis(acc.reshape(B, H, bq, nb, D), 3, 0)  # (n, B, H, bq, D)
         o = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
         lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
         return (jax.lax.dynamic_update_slice_in_dim(outs, o, i * bq, axis=3),
@@ -214,23 +223,22 @@ def _flash_bwd(mmca, bq, bk, res, d_out):
 
     def q_block(i, carry):
         dq, dk, dv = carry
-        do = jax.lax.dynamic_slice_in_dim(d_out, i * bq, bq, axis=2)  # (B, H, bq, D)
+        do = jax.lax.dynamic_slice_in_dim(d_out, i * bq, bq, axis=2).astype(v.dtype)  # (B, H, bq, D)
         lse = jax.lax.dynamic_slice_in_dim(lses, i * bq, bq, axis=3)  # (n, B, H, bq)
         delta = jax.lax.dynamic_slice_in_dim(deltas, i * bq, bq, axis=3)
         qb = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=2)
 
         def k_block(j, c):
             dq_i, dk, dv = c
-            s, masks = _tile(mmca, q, k, m_q, m_k, offset, i, j, bq, bk)
-            p = jnp.where(masks.any(0), jnp.exp(s - _select(masks, lse)), 0.0)  # (B, H, bq, bk) both branches
+            s, is_img = _tile(mmca, q, k, m_q, m_k, offset, i, j, bq, bk)
+            p = jnp.exp(s - _pick(is_img, lse))  # (B, H, bq, bk): both branches' weights
             kb = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
             vb = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
-            dp = jnp.einsum("bhqd,bhkd->bhqk", do.astype(v.dtype), vb, preferred_element_type=jnp.float32)
-            ds = p * (dp - _select(masks, delta)) * scale
+            dp = jnp.einsum("bhqd,bhkd->bhqk", do, vb, preferred_element_type=jnp.float32)
+            ds = p * (dp - _pick(is_img, delta)) * scale
             dq_i = dq_i + jnp.einsum("bhqk,bhkd->bhqd", ds.astype(k.dtype), kb, preferred_element_type=jnp.float32)
             dk_j = jnp.einsum("bhqk,bhqd->bhkd", ds.astype(q.dtype), qb, preferred_element_type=jnp.float32)
-            dv_j = jnp.einsum("bhqk,bhqd->bhkd", p.astype(v.dtype), do.astype(v.dtype),
-                              preferred_element_type=jnp.float32)
+            dv_j = jnp.einsum("bhqk,bhqd->bhkd", p.astype(v.dtype), do, preferred_element_type=jnp.float32)
             add = lambda x, y: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
                 x, jax.lax.dynamic_slice_in_dim(x, j * bk, bk, axis=2) + y, j * bk, axis=2)
             return dq_i, add(dk, dk_j), add(dv, dv_j)

@@ -22,7 +22,7 @@ from torch import nn
 
 from vchat.hf import image_processor
 from vchat.hf_io import open_weights
-from vchat.hf_plan import EMBED, LM_HEAD, HFPlan, plan
+from vchat.hf_plan import EMBED, HFPlan, plan
 
 from .model import VisualChat
 
@@ -110,9 +110,7 @@ def from_hf(lm_dir: str, vision_dir: str | None = None, vision_type: str | None 
             model = VisualChat(p.config)
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         read, new_dtype = TorchReader(), _new_dtype(p, dtype)
-        for key in p.sources:
-            if key == LM_HEAD and p.config.llm.tie_word_embeddings:
-                continue
+        for key in p.sources:  # a tied lm_head has no source: it is tied below
             _set(model, key, tensor_value(p, key, read, shapes, dtype, new_dtype))
         if p.config.llm.tie_word_embeddings:
             model.lang_decoder.lm_head.weight = model.lang_decoder.model.embed_tokens.weight
@@ -145,8 +143,6 @@ def _load_zero3(p: HFPlan, dtype: torch.dtype | None, ds_config: dict | None) ->
     rank, read = dist.get_rank(), TorchReader()
     params = dict(model.named_parameters(remove_duplicate=False))
     for key in p.sources:
-        if key == LM_HEAD and p.config.llm.tie_word_embeddings:
-            continue
         param = params[key]
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if rank == 0:

@@ -16,17 +16,16 @@ import os
 import numpy as np
 import torch
 
-from vchat.config import CONFIG_NAME
+from vchat.checkpoint_files import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME
 from vchat.hf import image_processor
 from vchat.hf_export import export_hf, preprocessor_json
 from vchat.hf_io import SafetensorsWriter, TensorInfo, open_weights
-from vchat.hf_plan import plan
+from vchat.hf_plan import LM_HEAD, plan
 from vchat.io import writing_dir
+from vchat.param_map import tied_aliases
 
-from .hf import ST_NAMES, TorchReader, _new_dtype, tensor_bytes, tensor_value
+from .hf import ST_NAMES, TORCH_DTYPES, TorchReader, _new_dtype, tensor_bytes, tensor_value
 from .model import VisualChat
-
-WEIGHTS_NAME = "model.safetensors"  # vchat_torch's checkpoint (checkpoint.py)
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -43,8 +42,9 @@ def convert_hf(lm_dir: str, vision_dir: str | None, dst: str, dtype: torch.dtype
     p = plan(lm_dir, vision_dir, **plan_kw)
     with torch.device("meta"):
         model = VisualChat(p.config)
-    meta = model.state_dict()
-    if set(meta) != set(p.sources):
+    meta = model.state_dict()  # a tied lm_head is in it, as an alias of embed_tokens
+    alias = tied_aliases(p.config)
+    if {alias.get(k, k) for k in meta} != set(p.sources):
         raise RuntimeError(f"vchat_torch's tensors and the param map differ: {sorted(set(meta) ^ set(p.sources))}")
     shapes = {k: tuple(v.shape) for k, v in meta.items()}
     new_dtype = _new_dtype(p, dtype)
@@ -52,18 +52,18 @@ def convert_hf(lm_dir: str, vision_dir: str | None, dst: str, dtype: torch.dtype
     def target_dtype(key: str) -> str:
         return ST_NAMES[dtype] if dtype is not None else p.file_dtype(key) or ST_NAMES[new_dtype]
 
-    infos = [TensorInfo(k, target_dtype(k), shapes[k]) for k in p.sources]
+    infos = [TensorInfo(k, target_dtype(alias.get(k, k)), shapes[k]) for k in meta]
     read = TorchReader()
     with writing_dir(dst) as tmp:
         p.config.save(os.path.join(tmp, CONFIG_NAME))
-        with open(os.path.join(tmp, "tokenizer.json"), "w") as f:
+        with open(os.path.join(tmp, TOKENIZER_NAME), "w") as f:
             f.write(p.tokenizer.tokenizer.to_str())
         _write_json(os.path.join(tmp, "preprocessor_config.json"),
                     preprocessor_json(image_processor(p.vision.folder, p.config.vision)))
         writer = SafetensorsWriter(os.path.join(tmp, WEIGHTS_NAME), infos,
                                    {"format": "pt", "trainable_only": "False"})
         for i, info in enumerate(infos):
-            t = tensor_value(p, info.name, read, shapes, dtype, new_dtype)
+            t = tensor_value(p, alias.get(info.name, info.name), read, shapes, dtype, new_dtype)
             writer.write(info.name, tensor_bytes(t))
             if log and (i + 1) % 50 == 0:
                 log(f"  {i + 1}/{len(infos)} tensors")
@@ -81,14 +81,22 @@ def state_dict_for_export(model: VisualChat) -> dict[str, torch.Tensor]:
     return sd
 
 
+def checkpoint_dtypes(path: str) -> dict[str, str]:
+    """{key: dtype name} of a vchat_torch checkpoint's model.safetensors (from_pretrained loads in float32)."""
+    f = open_weights(os.path.join(path, WEIGHTS_NAME))
+    return {k: f.info(k).dtype for k in f.keys()}
+
+
 def to_hf(model: VisualChat, dst: str, tokenizer_json: str, processor=None, vision_layout: str | None = None,
-          max_shard_bytes: int = 5 << 30) -> None:
-    """Export a model (see vchat/hf_export.py): DST/lm, DST/vision, visualchat.json / .safetensors."""
+          max_shard_bytes: int = 5 << 30, dtypes: dict[str, str] | None = None) -> None:
+    """Export a model (see vchat/hf_export.py): DST/lm, DST/vision, visualchat.json / .safetensors.
+    `dtypes` ({key: "BF16", ...}, e.g. `checkpoint_dtypes(src)`) casts tensors back to their file's dtype."""
     sd = state_dict_for_export(model)
+    if dtypes:
+        sd = {k: v.to(TORCH_DTYPES[dtypes[k]]) if k in dtypes else v for k, v in sd.items()}
     infos = {k: (ST_NAMES[v.dtype], tuple(v.shape)) for k, v in sd.items()}
-    if model.config.llm.tie_word_embeddings:
-        head, embed = sd["lang_decoder.lm_head.weight"], sd["lang_decoder.model.embed_tokens.weight"]
-        if not torch.equal(head, embed):
+    if model.config.llm.tie_word_embeddings and LM_HEAD in sd:
+        if not torch.equal(sd[LM_HEAD], sd["lang_decoder.model.embed_tokens.weight"]):
             raise ValueError("tie_word_embeddings is set but lm_head differs from embed_tokens")
     processor = processor or getattr(model, "image_processor", None)
     export_hf(dst, model.config, infos, lambda key: tensor_bytes(sd[key]), tokenizer_json, processor=processor,

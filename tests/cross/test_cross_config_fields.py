@@ -27,7 +27,9 @@ from vchat.param_map import expand
 from vchat_jax import VisualChat as JaxVisualChat
 from vchat_jax.layers import ACT
 from vchat_jax.model import forward_planned
+from vchat_jax.state_dict import to_state_dict
 from vchat_torch import VisualChat as TorchVisualChat
+from vchat_torch.checkpoint import load_state_dict_strict
 
 ATOL = 1e-5
 QWEN = dict(kind="qwen", hidden_act="gelu", layer_norm_eps=1e-6, output_dim=128, n_queries=16)
@@ -108,7 +110,8 @@ def batch(config: ModelConfig, seed: int = 0) -> dict:
 
 def test_table_covers_every_field():
     names = field_names(ModelConfig)
-    assert set(ALTERNATIVES) == set(names), (sorted(set(names) - set(ALTERNATIVES)), sorted(set(ALTERNATIVES) - set(names)))
+    missing, unknown = sorted(set(names) - set(ALTERNATIVES)), sorted(set(ALTERNATIVES) - set(names))
+    assert not missing and not unknown, f"fields without an alternative: {missing}; not fields: {unknown}"
     for name in names:
         owner, _, leaf = name.rpartition(".")
         default = getattr(getattr(BASE, owner) if owner else BASE, leaf)
@@ -143,7 +146,8 @@ def test_initializer_range_sets_the_init_std_in_both(std):
     tsd = TorchVisualChat(config).state_dict()
     jsd = nnx.to_pure_dict(nnx.state(JaxVisualChat(config, nnx.Rngs(0)), nnx.Param))
     jdec = jsd["lang_decoder"]
-    pairs = {"embed_tokens": (tsd["lang_decoder.model.embed_tokens.weight"], jdec["model"]["embed_tokens"]["embedding"]),
+    pairs = {"embed_tokens": (tsd["lang_decoder.model.embed_tokens.weight"],
+                              jdec["model"]["embed_tokens"]["embedding"]),
              "q_proj": (tsd["lang_decoder.model.layers.0.self_attn.q_proj.weight"],
                         jdec["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]),
              "gate_proj": (tsd["lang_decoder.model.layers.1.mlp.gate_proj.weight"],
@@ -161,3 +165,19 @@ def test_activation_tables_match_transformers():
         np.testing.assert_allclose(np.asarray(ACT[name](jnp.asarray(x))), want, atol=1e-6, rtol=1e-5, err_msg=name)
     with pytest.raises(ValueError, match="hidden_act"):
         LLMConfig(hidden_act="geglu")
+
+
+def test_tied_checkpoints_round_trip(tmp_path):
+    """A tied lm_head is stored once (embed_tokens): torch save -> torch and JAX loads, JAX -> torch strictly."""
+    config = configured("llm.tie_word_embeddings")
+    tm, jm = make_pair(config)
+    tm.save_pretrained(str(tmp_path / "tied"))
+    back_t = TorchVisualChat.from_pretrained(str(tmp_path / "tied"))
+    assert back_t.lang_decoder.lm_head.weight is back_t.lang_decoder.model.embed_tokens.weight
+    back_j = JaxVisualChat.from_pretrained(str(tmp_path / "tied"))
+    sd = to_state_dict(back_j)
+    assert "lang_decoder.lm_head.weight" not in sd
+    fresh = TorchVisualChat(config)
+    load_state_dict_strict(fresh, {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, source="jax")
+    for k, v in tm.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v) and torch.equal(back_t.state_dict()[k], v), k

@@ -69,3 +69,22 @@ def test_three_steps_match_torch_adamw():
     assert moved > 1e-4  # steps 2 and 3 moved the parameters (step 1 is warmup: lr 0)
     frozen = jax.tree.leaves(state.frozen)
     assert all(np.isfinite(np.asarray(x)).all() for x in frozen)
+
+
+def test_both_trainers_take_the_shared_flags_alike():
+    """The flags of vchat/train_args.py are in both parsers with the same defaults and parse alike."""
+    from vchat.train_args import train_parser
+    from vchat_jax.cli import build_parser as jax_parser
+    from vchat_jax.cli import parse_args as jax_args
+    from vchat_torch.train_args import build_parser as torch_parser
+    from vchat_torch.train_args import parse_args as torch_args
+
+    shared = {a.dest: a.default for a in train_parser("p", "d", SCHEDULES).parser._actions if a.dest != "help"}
+    for parser in (torch_parser(), jax_parser()):
+        assert {d: a.default for a in parser._actions if (d := a.dest) in shared} == shared
+    argv = ["--lm_model_name_or_path", "tiny", "--output_dir", "o", "--dataset_names", "synthetic", "--trainable",
+            "lang_embed,lang_decoder", "--learning_rate", "3e-4", "--num_warmup_steps", "0.1", "--max_steps", "9",
+            "--lr_scheduler_type", "linear", "--enable_mmca_attention", "--vis_proj", "perceiver", "--quiet"]
+    t, j = vars(torch_args(argv)), vars(jax_args(argv))
+    assert {k: t[k] for k in shared} == {k: j[k] for k in shared}
+    assert t["trainable"] == ["lang_embed", "lang_decoder"]

@@ -7,6 +7,7 @@ import pytest
 
 from data_helpers import write_image, write_json
 from vchat.data import DataError, build_mixture
+from vchat.errors import UserError
 
 
 def minigpt4(root: str, present=(0, 2), n: int = 4) -> None:
@@ -57,3 +58,19 @@ def test_missing_data_root_is_named(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(DataError, match=r"the data root .*file \(--data_path\) is not a directory"):
         build_mixture(str(tmp_path / "file"), ["minigpt4"], verbose=False)
+
+
+def test_trainer_flags_reach_the_check(tmp_path):
+    """`--skip_missing_images` of the trainers' shared flags, through build_training_data."""
+    from vchat.config import preset
+    from vchat.data.pipeline import build_training_data
+    from vchat.train_args import train_parser
+
+    minigpt4(str(tmp_path))
+    parser = train_parser("vchat train", "test", ("cosine",)).parser
+    argv = ["--data_path", str(tmp_path), "--dataset_names", "minigpt4", "--output_dir", str(tmp_path / "o"),
+            "--tokenizer", "unused.json"]
+    with pytest.raises(DataError, match=r"2 of 4 samples of dataset minigpt4 name missing images"):
+        build_training_data(parser.parse_args(argv), preset("tiny"), verbose=False)
+    with pytest.raises(UserError, match="unused.json: no such tokenizer file"):  # past the data
+        build_training_data(parser.parse_args(argv + ["--skip_missing_images"]), preset("tiny"), verbose=False)

@@ -126,3 +126,16 @@ def test_pick_next():
     draws = np.stack([np.asarray(gen_mod.pick_next(logits, jax.random.key(s), True, 1.0, 3, 1.0)) for s in range(20)])
     top3 = np.argsort(-np.asarray(logits), -1)[:, :3]
     assert all(np.isin(draws[:, b], top3[b]).all() for b in range(3))
+
+
+def test_trainable_only_checkpoint_needs_a_base(tmp_path):
+    """save_pretrained(trainable_only=True) writes the trainable parts only; loading needs a full base."""
+    base, tuned = tiny("fixed"), VisualChat(PRESETS["tiny"], nnx.Rngs(1))
+    base.save_pretrained(str(tmp_path / "base"))
+    tuned.save_pretrained(str(tmp_path / "small"), trainable_only=True)
+    with pytest.raises(ValueError, match="base="):
+        VisualChat.from_pretrained(str(tmp_path / "small"))
+    back = VisualChat.from_pretrained(str(tmp_path / "small"), base=str(tmp_path / "base"))
+    for part, want in (("lang_embed", tuned), ("projection", tuned), ("lang_decoder", base), ("vis_encoder", base)):
+        got, ref = (jax.tree.leaves(nnx.state(getattr(m, part), nnx.Param)) for m in (back, want))
+        assert all(np.array_equal(a, b) for a, b in zip(got, ref)), part

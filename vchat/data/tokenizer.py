@@ -9,6 +9,7 @@ with `add_special_tokens=False`.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -134,7 +135,14 @@ class TextTokenizer:
 
     @classmethod
     def from_file(cls, path: str, **ids) -> "TextTokenizer":
-        """A `tokenizer.json` (the `tokenizers` format), ids looked up by name unless given."""
+        """A `tokenizer.json` (the `tokenizers` format), ids looked up by name unless given; a file that
+        is missing or not a tokenizer is named."""
         from tokenizers import Tokenizer
 
-        return cls.wrap(Tokenizer.from_file(path), **ids)
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no such tokenizer file")
+        try:
+            tok = Tokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise UserError(f"{path}: not a tokenizer.json ({e})") from None
+        return cls.wrap(tok, **ids)

@@ -1,0 +1,83 @@
+"""VisualChat (JAX) from Hugging Face directories, without torch: a LLaMA directory and a CLIP or Qwen-VL one.
+
+    model = from_hf("Llama-2-7b-hf", "clip-vit-large-patch14", max_seq_len=4096, mesh=mesh)
+    model.tokenizer, model.image_processor    # as vchat_torch's from_hf
+
+The model is abstract first (`nnx.eval_shape`: shapes and shardings, no arrays); each parameter is then
+read from the files with vchat/hf_io.py (safetensors headers, `pytorch_model.bin` zips: numpy, no
+torch), put in JAX's layout through vchat/param_map.py's table, and placed with its NamedSharding on
+`mesh` as it is read, so a host holds the model once. The plan (vchat/hf_plan.py) is the one
+vchat_torch reads, so both frameworks build the same model from the same directories, new tensors
+(projection, added embedding rows) included.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vchat.hf import image_processor
+from vchat.hf_io import numpy_dtype, open_weights
+from vchat.hf_plan import EMBED, HFPlan, plan
+from vchat.param_map import TRANSFORMS, expand
+
+from .model import VisualChat
+
+
+def read_numpy(path: str, name: str) -> np.ndarray:
+    return open_weights(path).read(name)
+
+
+def torch_shape(transform: str, jax_shape: tuple) -> tuple:
+    """The torch-layout shape of a parameter of JAX shape `jax_shape` (the inverse of param_map's shapes)."""
+    if transform == "linear":
+        return (jax_shape[1], jax_shape[0])
+    if transform == "conv":  # HWIO -> OIHW
+        return (jax_shape[3], jax_shape[2], jax_shape[0], jax_shape[1])
+    assert TRANSFORMS[transform][2](jax_shape) == tuple(jax_shape)
+    return tuple(jax_shape)
+
+
+def model_dtype(p: HFPlan, dtype):
+    """The one dtype of the JAX model: `dtype`, else that of the LM's embedding table in its files."""
+    return jnp.dtype(dtype) if dtype is not None else jnp.dtype(numpy_dtype(p.file_dtype(EMBED)))
+
+
+def from_hf(lm_dir: str, vision_dir: str | None = None, vision_type: str | None = None, dtype=None,
+            max_seq_len: int | None = None, mmca: bool = True, compat: str = "fixed", projection: str = "baseline",
+            seed: int = 0, mesh=None, **config_overrides) -> VisualChat:
+    """vchat_jax.VisualChat from an HF LLaMA directory and a vision directory (or a `vchat convert --to hf`
+    output). The whole model is in `dtype` (default: the LM checkpoint's); `mesh` shards it as it loads."""
+    p = plan(lm_dir, vision_dir, vision_type=vision_type, max_seq_len=max_seq_len, mmca=mmca, compat=compat,
+             projection=projection, seed=seed, **config_overrides)
+    dt = model_dtype(p, dtype)
+    model = nnx.eval_shape(lambda: VisualChat(p.config, nnx.Rngs(0)))
+    flat = {tuple(path): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    entries = expand(p.config)
+    if {e.jax for e in entries} != set(flat):
+        raise RuntimeError(f"vchat_jax's parameters and the param map differ: {set(flat) ^ {e.jax for e in entries}}")
+    shapes = {e.torch: torch_shape(e.transform, flat[e.jax].get_value().shape) for e in entries}
+    shardings = None
+    if mesh is not None:
+        from .sharding import param_shardings
+
+        shardings = param_shardings(model, mesh)
+    for e in entries:
+        x = e.to_jax(np.asarray(p.value(e.torch, read_numpy, shapes)))
+        arr = jnp.asarray(x, dtype=dt)
+        if shardings is not None:
+            arr = jax.device_put(arr, shardings[e.jax])
+        flat[e.jax].set_value(arr)
+    model.astype(dt)  # flax layers carry their compute dtype
+    model.tokenizer = tokenizer_of(p)
+    model.image_processor = image_processor(p.vision.folder, p.config.vision)
+    return model
+
+
+def tokenizer_of(p: HFPlan):
+    from vchat.data import TextTokenizer
+
+    t = p.tokenizer
+    return TextTokenizer(t.tokenizer, t.bos_id, t.eos_id, t.pad_id, t.image_id, t.image_pretoken_id)
