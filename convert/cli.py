@@ -8,8 +8,13 @@
     vchat convert --from zero --to jax runs/demo/ds out/demo-jax
     vchat convert --from torch --to jax out/torch out/jax
     vchat convert --from jax --to torch out/jax out/torch-again --overwrite
+    # Hugging Face directories in and out (convert/hf.py)
+    vchat convert --from hf --to torch Llama-2-7b-hf out/torch --vision clip-vit-large-patch14 --max_seq_len 4096
+    vchat convert --from torch --to hf out/torch out/hf      # out/hf/lm, out/hf/vision, out/hf/visualchat.json
 
-Formats: `dsvc` is a reference `pytorch_model.bin` (or the directory holding it), which stores no
+Formats: `hf` is a Hugging Face LLaMA directory as SRC (with `--vision`, a CLIP or Qwen-VL directory;
+`--vision_model_type` overrides its detected kind), or as DST the layout of vchat/hf_export.py.
+`dsvc` is a reference `pytorch_model.bin` (or the directory holding it), which stores no
 geometry: pass `--meta` (tests/golden/README.md's layout; a meta.json beside SRC is used when neither
 option is given) or `--config` (a preset name or a vchat config.json). `torch` is a vchat_torch
 directory (config.json + model.safetensors), `jax` a vchat_jax directory (config.json + params/, orbax).
@@ -45,8 +50,8 @@ from vchat.errors import UserError, debugging
 from vchat.file_checks import check_json, check_safetensors
 from vchat.io import list_names
 
-SOURCES = ("dsvc", "zero", "torch", "jax")
-TARGETS = ("torch", "jax")
+SOURCES = ("dsvc", "zero", "torch", "jax", "hf")
+TARGETS = ("torch", "jax", "hf")
 TOKENIZER_FILES = (TOKENIZER_NAME,)
 
 
@@ -183,9 +188,9 @@ def count_tensors(model, framework: str) -> int:
 
 def convert(src: str, dst: str, src_format: str, dst_format: str, config: str | None = None,
             meta: str | None = None, compat: str | None = None, overwrite: bool = False, log=print,
-            allow_nonfinite: bool = False) -> None:
+            allow_nonfinite: bool = False, hf: dict | None = None) -> None:
     """Convert SRC (format `src_format`) into a vchat directory DST (`dst_format`). Raises on any mismatch;
-    DST appears only when the whole conversion has succeeded."""
+    DST appears only when the whole conversion has succeeded. `hf` holds convert/hf.py's options."""
     if src_format not in SOURCES or dst_format not in TARGETS:
         raise ConvertError(f"--from must be one of {SOURCES} and --to one of {TARGETS}")
     if not os.path.exists(src):
@@ -194,6 +199,12 @@ def convert(src: str, dst: str, src_format: str, dst_format: str, config: str | 
     if src_format != "dsvc" and (config or meta):
         raise ConvertError(f"--config/--meta describe a reference checkpoint; a {src_format} directory has its "
                            f"own config.json")
+    if src_format == "hf" and dst_format == "hf":
+        raise ConvertError("--from hf --to hf: nothing to convert")
+    if src_format == "hf":
+        from .hf import from_hf
+
+        return from_hf(src, dst, dst_format, log=log, compat=compat, **(hf or {}))
     t0 = time.perf_counter()
     cfg = None
     if src_format == "dsvc":
@@ -205,17 +216,22 @@ def convert(src: str, dst: str, src_format: str, dst_format: str, config: str | 
         log(f"reading {src} (vchat {src_format} directory)")
     check_source_files(src)
     try:
-        model = (load_torch if dst_format == "torch" else load_jax)(src_format, src, cfg, compat)
+        model = (load_jax if dst_format == "jax" else load_torch)(src_format, src, cfg, compat)
     except (UserError, OSError):
         raise
     except Exception as e:  # a damaged file the checks above do not know: name SRC
         raise ConvertError(f"{src}: cannot read it as a {src_format} checkpoint ({type(e).__name__}: {e})") from e
-    n = count_tensors(model, dst_format)
-    bad = nonfinite_tensors(model, dst_format)
+    framework = "jax" if dst_format == "jax" else "torch"
+    n = count_tensors(model, framework)
+    bad = nonfinite_tensors(model, framework)
     if bad and not allow_nonfinite:
         raise ConvertError(f"{len(bad)} of {n} tensors hold NaN or Inf ({list_names(bad, 5)}); "
                            f"--allow_nonfinite converts them anyway")
     c = model.config
+    if dst_format == "hf":
+        from .hf import to_hf
+
+        return to_hf(model, src, src_format, dst, log=log, **(hf or {}))
     log(f"loaded {n} tensors strictly: {c.vision.kind} tower, {c.projection.kind} projection, "
         f"{c.llm.num_hidden_layers} decoder layers, heads {c.llm.num_attention_heads}/{c.llm.num_key_value_heads}, "
         f"mmca {c.mmca}, compat {c.compat!r}")
@@ -243,10 +259,25 @@ def main(argv: list[str] | None = None, prog: str = "vchat convert") -> int:
                     help="compat mode written to DST (default: dsvc for a reference checkpoint, else SRC's)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing DST (a vchat checkpoint directory)")
     ap.add_argument("--allow_nonfinite", action="store_true", help="convert tensors holding NaN or Inf")
+    h = ap.add_argument_group("Hugging Face directories (--from hf / --to hf)")
+    h.add_argument("--vision", default=None, help="--from hf: the vision directory (CLIP or Qwen-VL)")
+    h.add_argument("--vision_model_type", choices=("clip", "qwen"), default=None,
+                   help="--from hf: the tower's kind (default: detected from the directory's config and tensors)")
+    h.add_argument("--max_seq_len", type=int, default=None, help="--from hf: max_position_embeddings of the model")
+    h.add_argument("--enable_mmca_attention", action="store_true", help="--from hf: the model uses MMCA")
+    h.add_argument("--vis_proj", choices=("baseline", "vit", "perceiver"), default="baseline")
+    h.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="--from hf: cast every tensor (default: the checkpoint's own)")
+    h.add_argument("--vision_layout", choices=("clip_vision", "qwen_vl", "qwen_extracted"), default=None,
+                   help="--to hf: the layout of DST/vision (default: clip_vision or qwen_extracted)")
+    h.add_argument("--max_shard_size", type=int, default=5 << 30, help="--to hf: bytes per safetensors shard")
     args = ap.parse_args(argv)
+    hf = (dict(vision=args.vision, vision_type=args.vision_model_type, max_seq_len=args.max_seq_len,
+               mmca=args.enable_mmca_attention, projection=args.vis_proj, dtype=args.dtype)
+          if args.src_format == "hf" else dict(vision_layout=args.vision_layout, max_shard_bytes=args.max_shard_size))
     try:
         convert(args.src, args.dst, args.src_format, args.dst_format, config=args.config, meta=args.meta,
-                compat=args.compat, overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite)
+                compat=args.compat, overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite, hf=hf)
     except (ValueError, OSError) as e:  # strict-load errors name the offending keys
         if debugging():
             raise

@@ -91,7 +91,8 @@ def tokenizer_path(args) -> str:
 
 def load(args):
     """(model, tokenizer, image processor) from the parsed flags, with errors that name the file."""
-    from vchat.data import ImageProcessor, TextTokenizer
+    from vchat.data import TextTokenizer
+    from vchat.hf import image_processor
 
     from .checkpoint import from_pretrained
 
@@ -101,8 +102,10 @@ def load(args):
     if args.max_new_tokens >= context:
         raise UserError(f"--max_new_tokens {args.max_new_tokens}: must be less than the model's context, "
                         f"max_position_embeddings = {context}")
-    tok = TextTokenizer.from_file(tok_path)
-    return model, tok, ImageProcessor.for_vision(model.config.vision)
+    c = model.config  # the ids come from the model: a tokenizer need not name them "<s>" / "</s>"
+    tok = TextTokenizer.from_file(tok_path, bos_id=c.bos_token_id, eos_id=c.eos_token_id, pad_id=c.pad_token_id,
+                                  image_id=c.image_token_id, image_pretoken_id=c.image_pretoken_id)
+    return model, tok, image_processor(args.checkpoint, c.vision)  # its preprocessor_config.json, if any
 
 
 def read_images(proc, paths: list[str], where: str):

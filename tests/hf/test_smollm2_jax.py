@@ -55,9 +55,14 @@ def test_smollm2_torch_vs_jax_with_an_image(models, smollm2_dir, clip_dir):
     assert c.image_token_id in ids
     pixels = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
-        want = tm(torch.from_numpy(pixels), torch.from_numpy(ids), torch.ones(ids.shape, dtype=torch.long),
-                  image_num=[1]).logits.numpy()
+        out = tm(torch.from_numpy(pixels), torch.from_numpy(ids), torch.ones(ids.shape, dtype=torch.long),
+                 image_num=[1])
+    want, modality = out.logits.numpy(), out.modality.numpy()
     got = np.asarray(jm(pixels, ids, np.ones_like(ids), image_num=[1]).logits)
-    diff = float(np.abs(got - want).max())
-    print(f"SmolLM2 + CLIP with an image: vchat_torch vs vchat_jax logits max abs diff {diff:.2e}")
-    assert diff <= 1e-4
+    diff = np.abs(got - want).max(-1)  # (1, L)
+    text, scale = float(diff[modality == 1].max()), float(np.abs(want).max())
+    print(f"SmolLM2 + CLIP with an image: vchat_torch vs vchat_jax logits max abs diff {text:.2e} at text positions, "
+          f"{float(diff.max()):.2e} at image positions too (|logits| up to {scale:.1f})")
+    # The untrained projection's features (std 1) are ~7x SmolLM2's embeddings: the image positions' hidden
+    # states are out of distribution and their logits large, so there the bound is relative.
+    assert text <= 1e-4 and float(diff.max()) <= 1e-4 * scale

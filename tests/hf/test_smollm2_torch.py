@@ -54,3 +54,21 @@ def test_smollm2_greedy_equals_transformers(models):
     got = vc.generate(None, ids, max_new_tokens=20, eos_token_id=-1).ids[0]
     assert got.tolist() == want.tolist()
     assert any(c.isalpha() for c in vc.tokenizer.decode(got.tolist()))
+
+
+def test_vchat_chat_on_converted_smollm2_answers_in_english(smollm2_dir, clip_dir, tmp_path, monkeypatch, capsys):
+    import io
+    import re
+
+    from vchat.cli import main as vchat_main
+    from vchat_torch.hf_convert import convert_hf
+
+    convert_hf(smollm2_dir, clip_dir, str(tmp_path / "ckpt"), mmca=True, compat="fixed")
+    lines = ["na", "What is the capital of France?", "quit"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    assert vchat_main(["chat", str(tmp_path / "ckpt"), "--max_new_tokens", "24"]) == 0
+    out = capsys.readouterr().out
+    answer = out.split("=========== Round 1 ===========")[1]
+    print(f"SmolLM2 through `vchat chat`: {answer.strip()!r}")
+    words = re.findall(r"[A-Za-z]+", answer)
+    assert len(words) >= 3 and "Paris" in answer
