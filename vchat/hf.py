@@ -46,6 +46,15 @@ def read_json(path: str) -> dict:
     return out
 
 
+def is_hf_lm_dir(path: str) -> bool:
+    """A Hugging Face model directory (its config.json has a model_type; a vchat one has none), or a
+    `vchat convert --to hf` output."""
+    if os.path.exists(os.path.join(path, "visualchat.json")):
+        return True
+    cfg = os.path.join(path, "config.json")
+    return os.path.isfile(cfg) and "model_type" in read_json(cfg)
+
+
 # -- LLaMA -----------------------------------------------------------------------------------------------
 def rope_theta(cfg: dict, where: str) -> float:
     """RoPE base from a LLaMA config.json: transformers 4's `rope_theta`/`rope_scaling`, or 5's

@@ -1,52 +1,44 @@
 """What makes a training run trustworthy, for both trainers (`vchat train`, `vchat train-jax`), with no
-framework in sight: one writer per output directory, a resume that refuses a changed run, resumable
-steps that are known to be complete, the cleanup of what killed runs left, and a stop on divergence.
+framework in sight: one writer per output directory, a resume that refuses a changed run, and a stop
+on divergence; with vchat/run_steps.py (intact steps, retention, leftovers of killed runs) under it.
 
-    with RunLock(args.output_dir):                          # a second run into it fails at once, naming us
-        for line in remove_stale_temps(args.output_dir, ("ds", "state")):
-            print(line)                                     # .final.tmp*, best.old*, orbax tmp dirs ...
-        steps = StepDirs(ds_dir, r"step(\\d+)", latest="latest")
-        found = steps.resumable()                           # the newest intact step, and what it skipped
-        notes = check_resume(found.manifest["identity"], identity, args.resume_anyway, found.path)
-        ...                                                 # the framework saves step N into steps.path(N)
-        write_manifest(steps.path(N), N, identity)          # written last: step N is intact from now on
-        steps.point_latest(N); steps.prune(args.save_total_limit)
-        guard = NonFiniteGuard(args.max_nonfinite_skips)
-        if not guard.check(step, loss=loss):                # False: skip this step; raises past the budget
+    with RunGuard(args, StepDirs(ds_dir, r"step(\\d+)", "latest"), lead=rank == 0, say=log) as guard:
+        # made: the lock on output_dir/.lock (a second run fails at once, naming this one), the stale
+        # temporaries of killed runs removed, and with --no_resume the earlier run's steps and log
+        found = guard.resume_point(run_identity(args, model=..., data=..., world=...))  # None: fresh
+        ...                                             # a changed run was refused, naming the changes
+        guard.begin_save(step); engine.save(...); guard.end_save(step)   # manifest, latest, retention
+        if not guard.nonfinite.check(step, loss=loss):  # False: skip this step; past the budget raises
             ...
 
-A step directory is intact when its manifest (`vchat_step.json`, written after the framework's own
-files) exists and every file it lists is there with the size it had; so a save killed half-way, a
-truncated file or a missing step is never resumed from, and the newest intact step is used instead,
-with a warning naming what was skipped. The manifest also records the run's identity (every flag that
-changes what the run computes, the model, the data's sample counts, the world size): a rerun whose
-identity differs is refused with the list of differences, unless `--resume_anyway`; `--no_resume`
-starts over. The run's length (`--num_train_epochs`, `--max_steps`) may change: a noted difference.
+The run's identity is every flag that changes what the run computes (all but CONTROL_FLAGS), plus
+what the trainer adds: the model it starts from, the data's sample counts, the world size. It is
+recorded with each resumable step; a rerun whose identity differs is refused with the list of
+differences, unless `--resume_anyway`; `--no_resume` starts over. The run's length
+(`--num_train_epochs`, `--max_steps`) may change on a resume: a noted difference, not a refusal.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import fcntl
 import hashlib
 import json
 import math
 import os
-import re
 import shlex
-import shutil
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 from vchat.checkpoint_files import CONFIG_NAME
 from vchat.errors import UserError
 from vchat.file_checks import check_json
-from vchat.io import writing_file
+from vchat.run_steps import Resumable, StepDirs, remove_stale_temps, write_manifest
+from vchat.train_log import LOG_NAME
 
 LOCK_NAME = ".lock"
-MANIFEST_NAME = "vchat_step.json"
 
 
 def add_run_flags(group: argparse._ArgumentGroup) -> None:
@@ -114,169 +106,6 @@ def _read_holder(fd: int) -> str:
         return (f"pid {info['pid']} on {info['host']}, started {info['started']}: {info['command']}")
     except (ValueError, KeyError, TypeError):
         return "its details are not written yet"
-
-
-# -- leftovers of killed runs -----------------------------------------------------------------------------
-TEMP_RE = re.compile(r"^\..+\.tmp[a-z0-9_]{8}$|^.+\.orbax-checkpoint-tmp.*$")  # vchat.io's, orbax's
-OLD_RE = re.compile(r"^(?P<name>.+)\.old\d+$")  # vchat.io.commit_dir's replaced directory
-
-
-def remove_stale_temps(root: str, subdirs: tuple[str, ...] = ()) -> list[str]:
-    """Remove the temporaries killed runs left in `root` and `root/<subdir>`: vchat.io's `.NAME.tmpXXXXXXXX`
-    files and directories, orbax's `N.orbax-checkpoint-tmp-*`, and `NAME.old<pid>` (vchat.io.commit_dir's
-    replaced directory; put back as NAME when NAME is missing, a kill between its two renames). Call it
-    only while holding the RunLock. Returns one line per thing done, for the log."""
-    done = []
-    for folder in (root, *(os.path.join(root, s) for s in subdirs)):
-        if not os.path.isdir(folder):
-            continue
-        for name in sorted(os.listdir(folder)):
-            path, old = os.path.join(folder, name), OLD_RE.match(name)
-            if old and not os.path.exists(os.path.join(folder, old["name"])):
-                os.rename(path, os.path.join(folder, old["name"]))
-                done.append(f"put back {path} as {old['name']} (a run was killed while replacing it)")
-            elif old or TEMP_RE.match(name):
-                _remove(path)
-                done.append(f"removed {path} (left by a killed run)")
-    return done
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
-
-
-# -- intact steps ----------------------------------------------------------------------------------------
-def write_manifest(step_dir: str, step: int, identity: dict) -> str:
-    """`step_dir/vchat_step.json`: the step, the run's identity and every file of the step with its size.
-    Written last (after the framework's save): the step counts as intact from then on. Returns its path."""
-    files = {}
-    for folder, _, names in os.walk(step_dir):
-        for name in names:
-            path = os.path.join(folder, name)
-            rel = os.path.relpath(path, step_dir)
-            if rel != MANIFEST_NAME and not TEMP_RE.match(name):
-                files[rel] = os.path.getsize(path)
-    path = os.path.join(step_dir, MANIFEST_NAME)
-    with writing_file(path) as f:
-        json.dump({"step": step, "identity": identity, "files": dict(sorted(files.items()))}, f, indent=1)
-    return path
-
-
-def step_problem(step_dir: str) -> str | None:
-    """None when `step_dir` is intact; otherwise what is wrong with it, in a few words."""
-    if not os.path.isdir(step_dir):
-        return "it does not exist"
-    try:
-        with open(os.path.join(step_dir, MANIFEST_NAME)) as f:
-            manifest = json.load(f)
-        files = dict(manifest["files"])
-    except FileNotFoundError:
-        return f"it has no {MANIFEST_NAME} (its save did not finish)"
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"its {MANIFEST_NAME} does not parse"
-    for rel, size in files.items():
-        path = os.path.join(step_dir, rel)
-        if not os.path.isfile(path):
-            return f"{rel} is missing"
-        if os.path.getsize(path) != size:
-            return f"{rel} is truncated or damaged ({os.path.getsize(path)} bytes, {size} when saved)"
-    return None
-
-
-def read_manifest(step_dir: str) -> dict:
-    with open(os.path.join(step_dir, MANIFEST_NAME)) as f:
-        return json.load(f)
-
-
-@dataclasses.dataclass
-class Resumable:
-    """What `StepDirs.resumable` found: the step to resume from (None: start fresh), its directory
-    name and manifest, and a warning per step (or `latest` file) skipped on the way."""
-
-    step: int | None
-    name: str | None
-    path: str | None
-    manifest: dict | None
-    skipped: list[str]
-
-
-class StepDirs:
-    """The resumable steps under `root`: directories whose names match `pattern` (one group: the step
-    number), e.g. DeepSpeed's `ds/step12` (r"step(\\d+)", with its `latest` file) or orbax's `state/12`."""
-
-    def __init__(self, root: str, pattern: str, latest: str | None = None):
-        self.root, self.pattern, self.latest = root, re.compile(f"^{pattern}$"), latest
-        self.template = pattern.replace(r"(\d+)", "{}")
-
-    def name(self, step: int) -> str:
-        return self.template.format(step)
-
-    def path(self, step: int) -> str:
-        return os.path.join(self.root, self.name(step))
-
-    def steps(self) -> list[int]:
-        """The step numbers on disk, intact or not, newest first."""
-        if not os.path.isdir(self.root):
-            return []
-        found = (self.pattern.match(n) for n in os.listdir(self.root))
-        return sorted((int(m[1]) for m in found if m and os.path.isdir(os.path.join(self.root, m[0]))), reverse=True)
-
-    def resumable(self) -> Resumable:
-        """The newest intact step. Each newer step that is not intact is a warning in `skipped` saying
-        why, and so is a `latest` file that is empty or names a step that is not there."""
-        skipped, named = [], None
-        latest_path = os.path.join(self.root, self.latest) if self.latest else None
-        if latest_path and os.path.isfile(latest_path):
-            with open(latest_path) as f:
-                named = f.read().strip()
-            if not named:
-                skipped.append(f"{latest_path} is empty")
-        if named and not os.path.isdir(os.path.join(self.root, named)):
-            skipped.append(f"{latest_path} names {named}, which does not exist")
-        for step in self.steps():
-            path, name = self.path(step), self.name(step)
-            problem = step_problem(path)
-            if problem is None:
-                return Resumable(step, name, path, read_manifest(path), skipped)
-            by = f" (named by {latest_path})" if name == named else ""
-            skipped.append(f"{path}{by} skipped: {problem}")
-        return Resumable(None, None, None, None, skipped)
-
-    def begin_save(self, step: int) -> None:
-        """Clear the way for saving `step`: a directory of that step left by an earlier, unfinished save."""
-        if os.path.exists(self.path(step)):
-            shutil.rmtree(self.path(step))
-
-    def point_latest(self, step: int) -> None:
-        """Write the `latest` file (atomically) naming `step`."""
-        if self.latest:
-            with writing_file(os.path.join(self.root, self.latest)) as f:
-                f.write(self.name(step))
-
-    def prune(self, keep: int) -> list[str]:
-        """Keep the newest `keep` intact steps (0: every one); remove the older intact ones, and the steps
-        older than the newest intact one that are not intact. Returns the removed paths."""
-        removed, intact = [], 0
-        for step in self.steps():
-            ok = step_problem(self.path(step)) is None
-            intact += ok
-            if (ok and keep and intact > keep) or (not ok and intact):
-                shutil.rmtree(self.path(step))
-                removed.append(self.path(step))
-        return removed
-
-    def remove_all(self) -> list[str]:
-        """Every step directory and the `latest` file (`--no_resume`). Returns the removed paths."""
-        removed = [self.path(s) for s in self.steps()]
-        for path in removed:
-            shutil.rmtree(path)
-        if self.latest and os.path.exists(os.path.join(self.root, self.latest)):
-            os.unlink(os.path.join(self.root, self.latest))
-            removed.append(os.path.join(self.root, self.latest))
-        return removed
 
 
 # -- the run's identity ----------------------------------------------------------------------------------
@@ -380,3 +209,69 @@ class NonFiniteGuard:
         raise DivergedError(f"step {step}: {what}{skips}; the run stopped and wrote no final/ or best/ "
                             f"(--max_nonfinite_skips {self.max_skips}); lower --learning_rate, or resume from the "
                             "last resumable step with other flags (--resume_anyway)")
+
+
+# -- the guards of one run ---------------------------------------------------------------------------------
+class RunGuard:
+    """Every guard of one run; each process of the run makes one, `lead` (the writing process) takes the
+    lock and does the writing. `say` prints a line (on the lead process)."""
+
+    def __init__(self, args: argparse.Namespace, steps: StepDirs, lead: bool = True,
+                 say: Callable[[str], None] = print):
+        self.args, self.steps, self.lead, self.say = args, steps, lead, say
+        self.identity: dict | None = None
+        self.nonfinite = NonFiniteGuard(args.max_nonfinite_skips)
+        self.lock = RunLock(args.output_dir).acquire() if lead else None
+        if not lead:
+            return
+        for line in remove_stale_temps(args.output_dir, (os.path.relpath(steps.root, args.output_dir),)):
+            say(f"[run] {line}")
+        if args.no_resume:
+            removed = steps.remove_all()
+            log = os.path.join(args.output_dir, LOG_NAME)
+            if os.path.exists(log):
+                os.unlink(log)
+                removed.append(log)
+            if removed:
+                say(f"[run] --no_resume: removed {', '.join(removed)}")
+
+    def resume_point(self, identity: dict) -> Resumable | None:
+        """The intact step to resume from (None: start fresh, always with --no_resume), after warning about
+        each step skipped; raises ResumeRefusedError when it was saved by a different run. `identity` is
+        this run's (run_identity), recorded with each step it saves."""
+        self.identity = identity
+        if self.args.no_resume:
+            return None
+        found = self.steps.resumable()
+        for warning in found.skipped:
+            self.say(f"[resume] warning: {warning}")
+        if found.step is None:
+            return None
+        for note in check_resume(found.manifest["identity"], identity, self.args.resume_anyway, found.path):
+            self.say(f"[resume] changed since {found.name}: {note}")
+        return found
+
+    def begin_save(self, step: int) -> None:
+        """Before the framework saves `step`: clear an unfinished earlier save of it."""
+        if self.lead:
+            self.steps.begin_save(step)
+
+    def end_save(self, step: int) -> None:
+        """After every process saved `step`: its manifest (it is intact from now on), `latest`, retention."""
+        if not self.lead:
+            return
+        write_manifest(self.steps.path(step), step, self.identity or {})
+        self.steps.point_latest(step)
+        for path in self.steps.prune(self.args.save_total_limit):
+            self.say(f"[ckpt] removed {path} (--save_total_limit {self.args.save_total_limit})")
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def __enter__(self) -> RunGuard:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -62,10 +62,16 @@ def train_parser(prog: str, description: str, schedules: tuple[str, ...]) -> Tra
     r.add_argument("--output_dir", default=None)
     r.add_argument("--seed", type=int, default=1234)
     r.add_argument("--lm_model_name_or_path", default=None,
-                   help="a vchat checkpoint directory, a model preset name, or a model config JSON")
+                   help="a Hugging Face LLaMA directory (with --vision_model_name_or_path), a vchat checkpoint "
+                        "directory, a model preset name, or a model config JSON")
+    r.add_argument("--vision_model_name_or_path", default="openai/clip-vit-large-patch14",
+                   help="with a Hugging Face LLaMA directory: the vision tower's directory (a CLIPModel or "
+                        "CLIPVisionModel checkpoint, a Qwen-VL checkpoint or its extracted tower)")
     r.add_argument("--enable_mmca_attention", action="store_true")
     r.add_argument("--vis_proj", choices=("baseline", "vit", "perceiver"), default="baseline")
     v = ap.add_argument_group("vchat's additions")
+    v.add_argument("--vision_model_type", choices=("clip", "qwen"), default=None,
+                   help="the vision directory's kind (default: detected from its config and tensors)")
     v.add_argument("--compat", choices=("dsvc", "fixed"), default="fixed")
     v.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
     v.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside the data, or the synthetic one)")
@@ -107,11 +113,31 @@ def validate(args: argparse.Namespace) -> None:
         raise FlagError(f"--trainable takes parts from {TRAINABLE_PARTS}, got {args.trainable!r}") from None
 
 
-def model_source(args: argparse.Namespace) -> str | ModelConfig:
-    """What --lm_model_name_or_path names: a vchat checkpoint directory (returned as its path; it loads
-    as saved, with --compat), or else a preset or config JSON (returned as its ModelConfig with
-    --enable_mmca_attention, --compat and --vis_proj applied: a new model)."""
+@dataclasses.dataclass(frozen=True)
+class HFSource:
+    """Hugging Face directories to build the model from (each framework's `from_hf` takes these)."""
+
+    lm_dir: str
+    vision_dir: str | None
+    kwargs: dict  # vision_type, max_seq_len, mmca, compat, projection, seed
+
+
+def model_source(args: argparse.Namespace) -> str | ModelConfig | HFSource:
+    """What --lm_model_name_or_path names: a Hugging Face LLaMA directory (an HFSource, with
+    --vision_model_name_or_path and --vision_model_type; a `vchat convert --to hf` output alone), a
+    vchat checkpoint directory (returned as its path; it loads as saved, with --compat), or else a preset
+    or config JSON (returned as its ModelConfig with --enable_mmca_attention, --compat and --vis_proj
+    applied: a new model)."""
+    from vchat.hf import is_hf_lm_dir
+
     src = args.lm_model_name_or_path
+    if is_hf_lm_dir(src):
+        vision = args.vision_model_name_or_path
+        exported = os.path.exists(os.path.join(src, "visualchat.json"))
+        return HFSource(src, None if exported and not os.path.isdir(vision) else vision,
+                        dict(vision_type=args.vision_model_type, max_seq_len=args.max_seq_len,
+                             mmca=args.enable_mmca_attention, compat=args.compat, projection=args.vis_proj,
+                             seed=args.seed))
     if os.path.isdir(src) and os.path.exists(os.path.join(src, CONFIG_NAME)):
         return src
     return preset(src).replace(mmca=args.enable_mmca_attention, compat=args.compat,

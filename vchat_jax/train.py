@@ -51,7 +51,7 @@ from vchat.config import ModelConfig
 from vchat.data.pipeline import build_training_data
 from vchat.param_groups import check_parts, is_trainable
 from vchat.splice import SplicePlan
-from vchat.train_args import model_source, total_steps
+from vchat.train_args import HFSource, model_source, total_steps
 from vchat.train_log import appending_log, plot_losses, read_log
 
 from .batches import BATCH_KEYS, epoch_batches, plan_batch
@@ -244,6 +244,10 @@ def build_model(args: argparse.Namespace, mesh: jax.sharding.Mesh) -> VisualChat
     """The model to train (vchat/train_args.py:model_source): a checkpoint loaded onto `mesh`, or a new
     model seeded with --seed."""
     src = model_source(args)
+    if isinstance(src, HFSource):
+        from .hf import from_hf
+
+        return from_hf(src.lm_dir, src.vision_dir, mesh=mesh, **src.kwargs)
     if isinstance(src, str):
         from .checkpoint import from_pretrained
 
@@ -272,8 +276,9 @@ class TrainRun:
             raise SystemExit(f"the global batch {self.global_batch} does not split over {self.world} processes")
         self.local_batch = self.global_batch // self.world
         model = build_model(args, mesh)
-        self.train_data, self.eval_data, self.tokenizer_json = build_training_data(args, model.config,
-                                                                                   verbose=not args.quiet)
+        self.train_data, self.eval_data, self.tokenizer_json = build_training_data(
+            args, model.config, verbose=not args.quiet, model_tokenizer=getattr(model, "tokenizer", None),
+            processor=getattr(model, "image_processor", None))
         self.steps_per_epoch = len(self.train_data) // self.global_batch
         if self.steps_per_epoch < 1:
             raise SystemExit(f"{len(self.train_data)} training samples make no batch of {self.global_batch} "

@@ -38,7 +38,7 @@ from vchat.checkpoint_files import CONFIG_NAME, TOKENIZER_NAME
 from vchat.data.pipeline import build_training_data
 from vchat.io import writing_file
 from vchat.param_groups import is_trainable
-from vchat.train_args import model_source, total_steps
+from vchat.train_args import HFSource, model_source, total_steps
 from vchat.train_log import plot_losses, write_log
 
 from .batches import fixed_batches, to_device
@@ -58,7 +58,11 @@ def build_model(args: argparse.Namespace) -> VisualChat:
     --seed), in train mode with only the --trainable parts trainable, gradient checkpointing and LoRA
     adapters as the flags say."""
     src = model_source(args)
-    if isinstance(src, str):
+    if isinstance(src, HFSource):
+        from .hf import from_hf
+
+        model = from_hf(src.lm_dir, src.vision_dir, **src.kwargs)
+    elif isinstance(src, str):
         model = from_pretrained(src, compat=args.compat)
     else:
         torch.manual_seed(args.seed)
@@ -106,7 +110,9 @@ class Trainer:
             raise SystemExit("--precision fp16 needs a GPU (DeepSpeed's CPU backend has no fp16); use bf16 or fp32")
         model = build_model(args)
         self.config = model.config
-        self.train_data, self.eval_data, self.tokenizer_json = build_training_data(args, self.config, rank == 0)
+        self.train_data, self.eval_data, self.tokenizer_json = build_training_data(
+            args, self.config, rank == 0, model_tokenizer=getattr(model, "tokenizer", None),
+            processor=getattr(model, "image_processor", None))
         micro, gas = args.per_device_train_batch_size, args.gradient_accumulation_steps
         self.micro_per_epoch = len(self.train_data) // (world * micro)
         if self.micro_per_epoch < gas:

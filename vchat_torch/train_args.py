@@ -27,8 +27,6 @@ def build_parser(prog: str = "vchat train") -> argparse.ArgumentParser:
     r.add_argument("--gradient_accumulation_steps", type=int, default=1)
     r.add_argument("--local_rank", type=int, default=-1)
     r.add_argument("--gradient_checkpointing", action="store_true")
-    r.add_argument("--vision_model_name_or_path", default="openai/clip-vit-large-patch14",
-                   help="kept for the reference's recipes; the vision tower comes with --lm_model_name_or_path")
     r.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3), default=0)
     r.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16")
     r.add_argument("--enable_tensorboard", action="store_true")

@@ -1,7 +1,8 @@
-"""vchat/run_guard.py and vchat/flag_checks.py: the run lock (held by another process, dropped by the
-kernel on kill -9), the cleanup of what killed writers of vchat/io.py really leave, intact steps and
-the choice of the one to resume from, retention, the run's identity and the resume decision, the
-divergence guard, and the flag and DeepSpeed config checks."""
+"""vchat/run_guard.py, vchat/run_steps.py and vchat/flag_checks.py: the run lock (held by another
+process, dropped by the kernel on kill -9), the cleanup of what killed writers of vchat/io.py really
+leave, intact steps and the choice of the one to resume from, retention, the run's identity and the
+resume decision, the divergence guard, all of them together as a trainer meets them (RunGuard), and
+the flag and DeepSpeed config checks."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import textwrap
 import pytest
 
 from vchat.flag_checks import ds_config_problems, flag_problems
-from vchat.run_guard import (LOCK_NAME, MANIFEST_NAME, DivergedError, NonFiniteGuard, ResumeRefusedError, RunLock,
-                             RunLockedError, StepDirs, check_resume, identity_differences, read_manifest,
-                             remove_stale_temps, run_identity, step_problem, write_manifest)
+from vchat.run_guard import (LOCK_NAME, DivergedError, NonFiniteGuard, ResumeRefusedError, RunGuard, RunLock,
+                             RunLockedError, add_run_flags, check_resume, identity_differences, run_identity)
+from vchat.run_steps import (MANIFEST_NAME, StepDirs, read_manifest, remove_stale_temps, step_problem,
+                             write_manifest)
 from vchat.train_args import train_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -201,8 +203,10 @@ def test_retention_keeps_the_newest_intact_steps(tmp_path):
 
 # -- the run's identity ----------------------------------------------------------------------------------
 def args_of(*flags):
-    return train_parser("t", "t", ("cosine",)).parser.parse_args(
-        ["--lm_model_name_or_path", "tiny", "--output_dir", "o", *flags])
+    p = train_parser("t", "t", ("cosine",))
+    if "--no_resume" not in p.parser._option_string_actions:  # PHASE2: train_parser adds them
+        add_run_flags(p.additions)
+    return p.parser.parse_args(["--lm_model_name_or_path", "tiny", "--output_dir", "o", *flags])
 
 
 def test_identity_and_the_resume_decision(tmp_path):
@@ -226,6 +230,41 @@ def test_identity_and_the_resume_decision(tmp_path):
     longer = run_identity(args_of("--max_steps", "9", "--num_train_epochs", "2"), **facts)
     assert check_resume(saved, longer, False, "x") == ["--max_steps: 0 -> 9", "--num_train_epochs: 6 -> 2"]
     assert identity_differences(saved, {**saved, "world": {}}) == ['world.processes: 1 -> (absent)']
+
+
+def test_run_guard_as_a_trainer_meets_it(tmp_path):
+    """Two runs of one command, a changed third one, a --no_resume fourth: lock, cleanup, resume, saves."""
+    out, said = tmp_path / "run", []
+    (out / "ds").mkdir(parents=True)
+    (out / ".final.tmpabcd1234").mkdir()  # a killed run's temporary
+    args = args_of("--output_dir", str(out))
+    identity = run_identity(args, data={"train_samples": 43})
+    with RunGuard(args, StepDirs(str(out / "ds"), r"step(\d+)", "latest"), say=said.append) as guard:
+        with pytest.raises(RunLockedError):
+            RunGuard(args, guard.steps)
+        assert not (out / ".final.tmpabcd1234").exists() and "left by a killed run" in said[0]
+        assert guard.resume_point(identity) is None
+        for step in (1, 2, 3):
+            guard.begin_save(step)
+            (out / "ds" / f"step{step}").mkdir()
+            (out / "ds" / f"step{step}" / "model.pt").write_text("w" * step)
+            guard.end_save(step)
+        assert sorted(os.listdir(out / "ds")) == ["latest", "step2", "step3"]  # --save_total_limit 2 (default)
+        assert said[-1] == f"[ckpt] removed {out}/ds/step1 (--save_total_limit 2)"
+        (out / "train_log.jsonl").write_text("{}\n")
+    other = RunGuard(args, StepDirs(str(out / "ds"), r"step(\d+)", "latest"), lead=False)  # no lock, no writes
+    assert other.lock is None and other.resume_point(identity).step == 3
+    truncate(str(out / "ds" / "step3" / "model.pt"), 1)
+    with RunGuard(args, StepDirs(str(out / "ds"), r"step(\d+)", "latest"), say=said.append) as guard:
+        found = guard.resume_point(identity)
+        assert found.step == 2 and said[-1].startswith(f"[resume] warning: {out}/ds/step3 (named by ")
+        with pytest.raises(ResumeRefusedError, match=r"step2 was saved by a different run: data.train_samples: "
+                                                     r"43 -> 44\."):
+            guard.resume_point(run_identity(args, data={"train_samples": 44}))
+    fresh = args_of("--output_dir", str(out), "--no_resume")
+    with RunGuard(fresh, StepDirs(str(out / "ds"), r"step(\d+)", "latest"), say=said.append) as guard:
+        assert os.listdir(out / "ds") == [] and not (out / "train_log.jsonl").exists()
+        assert said[-1].startswith("[run] --no_resume: removed ") and guard.resume_point(identity) is None
 
 
 # -- divergence ------------------------------------------------------------------------------------------

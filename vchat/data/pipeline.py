@@ -120,12 +120,15 @@ def dump_samples(source, directory: str, n: int = 10, numbering: str = "text") -
     return written
 
 
-def build_training_data(args, cfg, verbose: bool = True) -> tuple[EncodedDataset, EncodedDataset, str]:
+def build_training_data(args, cfg, verbose: bool = True, model_tokenizer=None,
+                        processor=None) -> tuple[EncodedDataset, EncodedDataset, str]:
     """(train, eval) datasets and the tokenizer's JSON from the trainers' flags (`vchat train` and
     `vchat train-jax` share them): data_path, dataset_names, dataset_samples,
     dataset_concatenate_samples, max_num_image_per_sample, data_train_split_ratio, max_seq_len, seed,
     synthetic_samples, skip_missing_images, tokenizer. `synthetic` alone, not on disk under data_path,
-    is generated."""
+    is generated. `model_tokenizer` (a TextTokenizer over a `tokenizers` backend: what `from_hf` gives
+    a model built from Hugging Face directories) is used when --tokenizer is not given, `processor` (the
+    vision directory's preprocessing) instead of the tower's default."""
     import os
 
     from vchat.data.mix import build_mixture, split_train_eval
@@ -147,10 +150,14 @@ def build_training_data(args, cfg, verbose: bool = True) -> tuple[EncodedDataset
     if len(source) == 0:
         raise SystemExit(f"the datasets {args.dataset_names} under {args.data_path} hold no sample")
     train, evaluate = split_train_eval(source, args.data_train_split_ratio, seed=args.seed)
-    if args.tokenizer:
-        tok = TextTokenizer.from_file(args.tokenizer)
+    if args.tokenizer:  # the ids come from the model: a tokenizer need not name them "<s>" / "</s>"
+        tok = TextTokenizer.from_file(args.tokenizer, bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_id,
+                                      pad_id=cfg.pad_token_id, image_id=cfg.image_token_id,
+                                      image_pretoken_id=cfg.image_pretoken_id)
         with open(args.tokenizer) as f:
             tok_json = f.read()
+    elif model_tokenizer is not None:
+        tok, tok_json = model_tokenizer, model_tokenizer.backend.to_str()
     elif synthetic:
         tok, tok_json = synthetic_text_tokenizer(), build_synthetic_tokenizer().to_str()
     else:
@@ -159,5 +166,5 @@ def build_training_data(args, cfg, verbose: bool = True) -> tuple[EncodedDataset
         raise SystemExit(f"tokenizer ids (<image> {tok.image_id}, pad {tok.pad_id}) differ from the model's "
                          f"(<image> {cfg.image_token_id}, pad {cfg.pad_token_id})")
     budget = Budget(args.max_seq_len, cfg.image_tokens, args.max_num_image_per_sample)
-    proc = ImageProcessor.for_vision(cfg.vision)
+    proc = processor or ImageProcessor.for_vision(cfg.vision)
     return EncodedDataset(train, tok, proc, budget), EncodedDataset(evaluate, tok, proc, budget), tok_json
