@@ -6,18 +6,21 @@
 #   bash configs/run_13b.sh                                 # 8 GPUs, defaults below
 #   LLM=ckpt/llama2-13b-qwen NUM_GPUS=8 bash configs/run_13b.sh --max_steps 100   # extra flags go last
 #
-# Nothing is downloaded. --lm_model_name_or_path takes a vchat checkpoint directory (config.json +
-# model.safetensors + tokenizer.json, e.g. made with `vchat convert` from Llama-2-13b-hf and the Qwen-VL
-# tower extracted by the reference's helper/extract_qwen_vl.py) or a preset name from vchat/config.py
-# (llama2-13b-qwen: the right geometry with random weights). The vision tower comes with it;
-# --vision_model_name_or_path is kept only because the reference's recipes pass it (its chat scripts
+# Nothing is downloaded: LLM and VISION_MODEL are local Hugging Face directories, as in the reference's
+# recipe (LLM=.../Llama-2-13b-hf, VISION_MODEL=.../Qwen-VL-Chat, downloaded beforehand from
+# meta-llama/Llama-2-13b-hf and Qwen/Qwen-VL-Chat). vchat builds the model from them as the reference does
+# (the tokenizer gets "### Image:" and "<image>", the embeddings are resized, lang_embed is a copy,
+# the projection is new); the vision tower's kind comes from its own config and tensors
+# (--vision_model_type clip|qwen overrides). Under ZeRO-3 the model is built inside zero.Init, so no
+# GPU ever holds it whole. LLM may also be a vchat checkpoint directory or a preset name from
+# vchat/config.py (random weights); TOKENIZER then names a tokenizer.json.
 # point it at a qwen-clip directory).
 # DS_CONFIG may name one of configs/ds_*.json (e.g. ds_zero3_offload.json on smaller GPUs).
 set -euo pipefail
 
-LLM=${LLM:-llama2-13b-qwen}
-VISION_MODEL=${VISION_MODEL:-./qwen-clip}
-TOKENIZER=${TOKENIZER:-${LLM}/tokenizer.json}  # with a preset name, point this at a Llama-2 tokenizer.json
+LLM=${LLM:-./Llama-2-13b-hf}
+VISION_MODEL=${VISION_MODEL:-./Qwen-VL-Chat}
+TOKENIZER=${TOKENIZER:-}  # empty: the LLM directory's own tokenizer
 DATA_PATH=${DATA_PATH:-./data}
 NUM_GPUS=${NUM_GPUS:-8}
 DS_CONFIG=${DS_CONFIG:-}
@@ -41,7 +44,7 @@ deepspeed --num_gpus "$NUM_GPUS" --module vchat_torch.train --max_seq_len 4096 \
     --dataset_concatenate_samples $IMAGE_PER_SAMPLE --max_num_image_per_sample 8 \
     --lm_model_name_or_path "$LLM" \
     --vision_model_name_or_path "$VISION_MODEL" \
-    --tokenizer "$TOKENIZER" \
+    ${TOKENIZER:+--tokenizer "$TOKENIZER"} \
     --gradient_checkpointing --vis_proj baseline \
     --gradient_accumulation_steps 1 --zero_stage $ZERO_STAGE --learning_rate $lr --num_warmup_steps 0.1 \
     --per_device_train_batch_size 1 --per_device_eval_batch_size 2 --output_dir "$OUTPUT" \

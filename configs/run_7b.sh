@@ -5,20 +5,23 @@
 #   bash configs/run_7b.sh                                  # 8 GPUs, defaults below
 #   LLM=ckpt/llama2-7b-clip NUM_GPUS=4 bash configs/run_7b.sh --max_steps 100   # extra flags go last
 #
-# Nothing is downloaded. --lm_model_name_or_path takes a vchat checkpoint directory (config.json +
-# model.safetensors + tokenizer.json, e.g. made with `vchat convert` from Llama-2-7b-hf and
-# openai/clip-vit-large-patch14) or a preset name from vchat/config.py (llama2-7b-clip-l14: the right
-# geometry with random weights). The vision tower comes with it; --vision_model_name_or_path is kept
-# only because the reference's recipe passes it.
+# Nothing is downloaded: LLM and VISION_MODEL are local Hugging Face directories, as in the reference's
+# recipe (LLM=.../Llama-2-7b-hf, VISION_MODEL=.../clip-vit-large-patch14, downloaded beforehand from
+# meta-llama/Llama-2-7b-hf and openai/clip-vit-large-patch14). vchat builds the model from them as the reference does
+# (the tokenizer gets "### Image:" and "<image>", the embeddings are resized, lang_embed is a copy,
+# the projection is new); the vision tower's kind comes from its own config and tensors
+# (--vision_model_type clip|qwen overrides). Under ZeRO-3 the model is built inside zero.Init, so no
+# GPU ever holds it whole. LLM may also be a vchat checkpoint directory or a preset name from
+# vchat/config.py (random weights); TOKENIZER then names a tokenizer.json.
 # Differences from the reference's script: LLM is a loadable checkpoint (the reference names the non-HF
 # repo meta-llama/Llama-2-7b), a tokenizer.json is passed (vchat does not read the Hub), the run stays
 # in the foreground, and DS_CONFIG may name one of configs/ds_*.json (e.g. ds_zero3_offload.json).
 # The global batch is NUM_GPUS x 1 x 1 (the reference's comment says 128; its settings give #GPUs).
 set -euo pipefail
 
-LLM=${LLM:-llama2-7b-clip-l14}
-VISION_MODEL=${VISION_MODEL:-openai/clip-vit-large-patch14}
-TOKENIZER=${TOKENIZER:-${LLM}/tokenizer.json}  # with a preset name, point this at a Llama-2 tokenizer.json
+LLM=${LLM:-./Llama-2-7b-hf}
+VISION_MODEL=${VISION_MODEL:-./clip-vit-large-patch14}
+TOKENIZER=${TOKENIZER:-}  # empty: the LLM directory's own tokenizer
 DATA_PATH=${DATA_PATH:-./data}
 NUM_GPUS=${NUM_GPUS:-8}
 DS_CONFIG=${DS_CONFIG:-}
@@ -42,7 +45,7 @@ deepspeed --num_gpus "$NUM_GPUS" --module vchat_torch.train --max_seq_len 4096 \
     --dataset_concatenate_samples $IMAGE_PER_SAMPLE --max_num_image_per_sample 8 \
     --lm_model_name_or_path "$LLM" \
     --vision_model_name_or_path "$VISION_MODEL" \
-    --tokenizer "$TOKENIZER" \
+    ${TOKENIZER:+--tokenizer "$TOKENIZER"} \
     --gradient_checkpointing --vis_proj baseline \
     --gradient_accumulation_steps 1 --zero_stage $ZERO_STAGE --learning_rate $lr --num_warmup_steps 0.1 \
     --per_device_train_batch_size 1 --per_device_eval_batch_size 2 --output_dir "$OUTPUT" \

@@ -135,9 +135,17 @@ def _load_zero3(p: HFPlan, dtype: torch.dtype | None, ds_config: dict | None) ->
     under GatheredParameters(modifier_rank=0), which scatters it back to its owners."""
     import deepspeed
     import torch.distributed as dist
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
     new_dtype = _new_dtype(p, dtype)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype or new_dtype):
+    target = dtype or new_dtype  # under ZeRO-3 every parameter has one dtype, the training one
+    # zero.Init takes the dtype from the config (DeepSpeed 0.19 ignores its `dtype=` off fp16 devices)
+    cfg = dict(ds_config or {"train_micro_batch_size_per_gpu": 1})
+    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": target == torch.bfloat16}
+    cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": target == torch.float16}
+    # transformers' own ZeRO-3 build: no init of the (empty) partitioned weights, RoPE tables in float32
+    with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=cfg):
         model = VisualChat(p.config)
     shapes = {k: tuple(getattr(v, "ds_shape", v.shape)) for k, v in model.named_parameters()}
     rank, read = dist.get_rank(), TorchReader()

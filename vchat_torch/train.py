@@ -61,7 +61,11 @@ def build_model(args: argparse.Namespace) -> VisualChat:
     if isinstance(src, HFSource):
         from .hf import from_hf
 
-        model = from_hf(src.lm_dir, src.vision_dir, **src.kwargs)
+        # ZeRO-3: built inside zero.Init in the training dtype, so no rank holds the whole model (LoRA's
+        # adapters are injected into whole modules: with LoRA the model is built whole, then partitioned)
+        zero3 = args.zero_stage == 3 and args.lang_lora_dim == 0 and args.vis_lora_dim == 0
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+        model = from_hf(src.lm_dir, src.vision_dir, zero3=zero3, dtype=dtype if zero3 else None, **src.kwargs)
     elif isinstance(src, str):
         model = from_pretrained(src, compat=args.compat)
     else:
