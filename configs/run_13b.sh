@@ -4,7 +4,7 @@
 # 10% warmup, MMCA, 9 datasets); only the model changes. The Qwen tower takes the baseline projection only.
 #
 #   bash configs/run_13b.sh                                 # 8 GPUs, defaults below
-#   LLM=ckpt/llama2-13b-qwen NUM_GPUS=8 bash configs/run_13b.sh --max_steps 100   # extra flags go last
+#   LLM=/data/Llama-2-13b-hf VISION_MODEL=/data/Qwen-VL-Chat bash configs/run_13b.sh --max_steps 100
 #
 # Nothing is downloaded: LLM and VISION_MODEL are local Hugging Face directories, as in the reference's
 # recipe (LLM=.../Llama-2-13b-hf, VISION_MODEL=.../Qwen-VL-Chat, downloaded beforehand from

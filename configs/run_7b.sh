@@ -3,7 +3,7 @@
 # the reference's flags and values (6 epochs, ZeRO-3, lr 1e-3 with 10% warmup, MMCA, 9 datasets).
 #
 #   bash configs/run_7b.sh                                  # 8 GPUs, defaults below
-#   LLM=ckpt/llama2-7b-clip NUM_GPUS=4 bash configs/run_7b.sh --max_steps 100   # extra flags go last
+#   LLM=/data/Llama-2-7b-hf VISION_MODEL=/data/clip-vit-large-patch14 NUM_GPUS=4 bash configs/run_7b.sh --max_steps 100
 #
 # Nothing is downloaded: LLM and VISION_MODEL are local Hugging Face directories, as in the reference's
 # recipe (LLM=.../Llama-2-7b-hf, VISION_MODEL=.../clip-vit-large-patch14, downloaded beforehand from
@@ -13,9 +13,8 @@
 # (--vision_model_type clip|qwen overrides). Under ZeRO-3 the model is built inside zero.Init, so no
 # GPU ever holds it whole. LLM may also be a vchat checkpoint directory or a preset name from
 # vchat/config.py (random weights); TOKENIZER then names a tokenizer.json.
-# Differences from the reference's script: LLM is a loadable checkpoint (the reference names the non-HF
-# repo meta-llama/Llama-2-7b), a tokenizer.json is passed (vchat does not read the Hub), the run stays
-# in the foreground, and DS_CONFIG may name one of configs/ds_*.json (e.g. ds_zero3_offload.json).
+# Differences from the reference's script: LLM is the -hf repo's directory (the reference names the
+# non-HF repo meta-llama/Llama-2-7b, which from_pretrained cannot load), the run stays in the foreground, and DS_CONFIG may name one of configs/ds_*.json (e.g. ds_zero3_offload.json).
 # The global batch is NUM_GPUS x 1 x 1 (the reference's comment says 128; its settings give #GPUs).
 set -euo pipefail
 

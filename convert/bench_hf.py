@@ -3,6 +3,7 @@ reporting each conversion's peak RSS and throughput (targets: <= 3 GB, >= 200 MB
 
     python -m convert.bench_hf --root /tmp/bench7b            # makes the checkpoint once, then converts it
     python -m convert.bench_hf --root /tmp/bench7b --targets torch --keep
+    python -m convert.bench_hf --root /tmp/bench-small --layers 1     # a quick check of the script
 
 The checkpoint has Llama-2-7b-hf's geometry and file layout (config.json, two bf16 safetensors shards with
 their index, a 32000-token tokenizer.json) with random weights (13.5 GB), written shard by shard, and a
@@ -77,22 +78,24 @@ def write_random(folder: str, infos: list[TensorInfo], max_shard_bytes: int, see
     w.close()
 
 
-def make_checkpoint(root: str) -> tuple[str, str]:
-    """`root`/llama (LLaMA-2-7B-shaped) and `root`/clip (CLIP ViT-L/14-shaped), made once."""
+def make_checkpoint(root: str, layers: int = 32) -> tuple[str, str]:
+    """`root`/llama (LLaMA-2-7B-shaped; `layers` decoder layers) and `root`/clip (CLIP ViT-L/14-shaped),
+    made once."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     lm, clip = os.path.join(root, "llama"), os.path.join(root, "clip")
     if not os.path.exists(os.path.join(lm, "done")):
         os.makedirs(lm, exist_ok=True)
+        config = {**LLAMA2_7B, "num_hidden_layers": layers}
         with open(os.path.join(lm, "config.json"), "w") as f:
-            json.dump(LLAMA2_7B, f, indent=2)
+            json.dump(config, f, indent=2)
         vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 32000)}}
         tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         tok.save(os.path.join(lm, "tokenizer.json"))
         with open(os.path.join(lm, "tokenizer_config.json"), "w") as f:
             json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f)
-        write_random(lm, llama_infos(LLAMA2_7B), max_shard_bytes=10 << 30, seed=0)  # Llama-2-7b-hf: 2 shards
+        write_random(lm, llama_infos(config), max_shard_bytes=10 << 30, seed=0)  # Llama-2-7b-hf: 2 shards
         open(os.path.join(lm, "done"), "w").close()
     if not os.path.exists(os.path.join(clip, "done")):
         from vchat.config import CLIP_L14_224, ModelConfig
@@ -135,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", required=True, help="folder for the checkpoint and the converted copies")
     ap.add_argument("--targets", nargs="+", choices=("torch", "jax"), default=["torch", "jax"])
     ap.add_argument("--keep", action="store_true", help="keep the converted copies")
+    ap.add_argument("--layers", type=int, default=32, help="decoder layers (fewer: a quick check of the script)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    lm, clip = make_checkpoint(args.root)
+    lm, clip = make_checkpoint(args.root, args.layers)
     print(f"[bench] source: {lm} ({folder_bytes(lm) / 1e9:.1f} GB), {clip} ({folder_bytes(clip) / 1e9:.1f} GB); "
           f"ready in {time.perf_counter() - t0:.0f}s", flush=True)
     for target in args.targets:

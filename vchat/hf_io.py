@@ -96,10 +96,11 @@ class SafetensorsFile:
         e = self._entries[key]
         return TensorInfo(key, e["dtype"], tuple(e["shape"]))
 
-    def read_bytes(self, key: str) -> bytearray:
-        """The tensor's bytes, C order (a fresh buffer: nothing of the file stays mapped)."""
+    def read_bytes(self, key: str) -> np.ndarray:
+        """The tensor's bytes, C order, as a writable uint8 array (a fresh buffer, not zero-filled: nothing of
+        the file stays mapped)."""
         begin, end = self._entries[key]["data_offsets"]
-        data = bytearray(end - begin)
+        data = np.empty(end - begin, np.uint8)
         with open(self.path, "rb") as f:
             f.seek(self.base + begin)
             got = f.readinto(data)
@@ -193,8 +194,8 @@ def open_weights(path: str) -> SafetensorsFile | TorchBinFile:
 
 # -- writing ---------------------------------------------------------------------------------------------
 def _as_bytes(x) -> memoryview:
-    if isinstance(x, np.ndarray):
-        return memoryview(np.ascontiguousarray(x)).cast("B")
+    if isinstance(x, np.ndarray):  # through uint8: a buffer cannot hold bfloat16
+        return memoryview(np.ascontiguousarray(x).reshape(-1).view(np.uint8))
     return memoryview(x).cast("B")
 
 

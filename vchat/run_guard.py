@@ -32,9 +32,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from vchat.checkpoint_files import CONFIG_NAME
 from vchat.errors import UserError
-from vchat.file_checks import check_json
 from vchat.run_steps import Resumable, StepDirs, remove_stale_temps, write_manifest
 from vchat.train_log import LOG_NAME
 
@@ -112,8 +110,8 @@ def _read_holder(fd: int) -> str:
 # flags that change nothing the run computes: where it writes, what it prints, when it stops or saves
 CONTROL_FLAGS = frozenset({
     "output_dir", "quiet", "stop_after_steps", "eval_every", "save_every", "log_every", "enable_tensorboard",
-    "local_rank", "deepspeed", "deepspeed_config", "vision_model_name_or_path", "data_debug_path", "distributed",
-    "resume_anyway", "no_resume", "save_total_limit", "max_nonfinite_skips", "save_trainable_only"})
+    "local_rank", "deepspeed", "deepspeed_config", "data_debug_path", "distributed", "mesh", "resume_anyway",
+    "no_resume", "save_total_limit", "max_nonfinite_skips", "save_trainable_only"})
 # the run's length: a resume may extend or shorten it (the schedule's horizon moves with it), noted
 LENGTH_FLAGS = ("num_train_epochs", "max_steps")
 
@@ -129,19 +127,18 @@ def run_identity(args: argparse.Namespace, **facts) -> dict:
     return json.loads(json.dumps({"flags": flags, **facts}, default=str))
 
 
-def model_facts(source, tokenizer_json: str | None = None) -> dict:
-    """What the run starts from: a checkpoint directory (its config and file sizes) or a new model's
-    config (a vchat.config.ModelConfig); and the tokenizer's digest."""
-    facts = {}
-    if isinstance(source, str):
-        facts["checkpoint"] = {name: os.path.getsize(os.path.join(source, name)) for name in sorted(os.listdir(source))
-                               if os.path.isfile(os.path.join(source, name))}
-        facts["config"] = check_json(os.path.join(source, CONFIG_NAME))
-    else:
-        facts["config"] = source.to_dict()
-    if tokenizer_json is not None:
-        facts["tokenizer_sha256"] = hashlib.sha256(tokenizer_json.encode()).hexdigest()
-    return facts
+def model_facts(source, config, tokenizer_json: str) -> dict:
+    """What the run starts from: the model's config (a vchat.config.ModelConfig), the size of each file
+    of the directories it was read from (`source`: vchat/train_args.py:model_source's answer, a
+    checkpoint directory's path or the Hugging Face directories), and the tokenizer's digest."""
+    dirs = {"": source} if isinstance(source, str) else {k: getattr(source, f"{k}_dir", None) for k in ("lm", "vision")}
+    files = {}
+    for label, d in dirs.items():
+        for name in sorted(os.listdir(d)) if d and os.path.isdir(d) else ():
+            if os.path.isfile(os.path.join(d, name)):
+                files[os.path.join(label, name)] = os.path.getsize(os.path.join(d, name))
+    return {"config": config.to_dict(), "files": files,
+            "tokenizer_sha256": hashlib.sha256(tokenizer_json.encode()).hexdigest()}
 
 
 def _flat(identity: dict) -> dict:
@@ -192,23 +189,34 @@ class DivergedError(UserError):
 class NonFiniteGuard:
     """Stops a run whose loss or gradient norm is not finite: `check(step, loss=..., grad_norm=...)` is
     True when every value is finite, False when the step is to be skipped (at most `max_skips` in a run),
-    and raises DivergedError naming the step and values past that."""
+    and raises DivergedError naming the step and values past that; `require` (an evaluation's loss, the
+    state about to be exported) raises at once."""
 
     def __init__(self, max_skips: int = 0):
         self.max_skips, self.skipped = max_skips, []
 
     def check(self, step: int, **values: float | None) -> bool:
-        bad = {k: v for k, v in values.items() if v is not None and not math.isfinite(v)}
-        if not bad:
+        what = _non_finite(values)
+        if not what:
             return True
-        what = ", ".join(f"{k} {v}" for k, v in bad.items())
         if len(self.skipped) < self.max_skips:
             self.skipped.append(step)
             return False
+        self._stop(step, what)
+
+    def require(self, step: int, **values: float | None) -> None:
+        if what := _non_finite(values):
+            self._stop(step, what)
+
+    def _stop(self, step: int, what: str):
         skips = f" after skipping steps {self.skipped}" if self.skipped else ""
-        raise DivergedError(f"step {step}: {what}{skips}; the run stopped and wrote no final/ or best/ "
-                            f"(--max_nonfinite_skips {self.max_skips}); lower --learning_rate, or resume from the "
-                            "last resumable step with other flags (--resume_anyway)")
+        raise DivergedError(f"step {step}: {what}{skips}; the run stopped without saving or exporting the diverged "
+                            f"weights (--max_nonfinite_skips {self.max_skips}); lower --learning_rate, or resume "
+                            "from the last resumable step with other flags (--resume_anyway)")
+
+
+def _non_finite(values: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in values.items() if v is not None and not math.isfinite(v))
 
 
 # -- the guards of one run ---------------------------------------------------------------------------------

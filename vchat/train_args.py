@@ -21,7 +21,9 @@ from vchat.checkpoint_files import CONFIG_NAME
 from vchat.config import ModelConfig, ProjectionConfig, preset
 from vchat.data import REFERENCE_DATASETS
 from vchat.errors import UserError
+from vchat.flag_checks import flag_problems
 from vchat.param_groups import TRAINABLE_PARTS, check_parts
+from vchat.run_guard import add_run_flags
 
 DATASET_CHOICES = tuple(REFERENCE_DATASETS) + ("synthetic",)
 
@@ -81,6 +83,7 @@ def train_parser(prog: str, description: str, schedules: tuple[str, ...]) -> Tra
     v.add_argument("--skip_missing_images", action="store_true",
                    help="drop (and count) the samples that name a missing image file, instead of refusing the data")
     v.add_argument("--quiet", action="store_true", help="no progress bar or per-step lines")
+    add_run_flags(v)
     return TrainParser(ap, r, v)
 
 
@@ -104,6 +107,9 @@ def validate(args: argparse.Namespace) -> None:
         raise FlagError("--output_dir is required")
     if args.lm_model_name_or_path is None:
         raise FlagError("--lm_model_name_or_path is required (a vchat checkpoint, a preset or a config JSON)")
+    problems = flag_problems(args)  # every value (vchat/flag_checks.py), each naming its flag
+    if problems:
+        raise FlagError("; ".join(problems))
     unknown = [n for n in args.dataset_names if n not in DATASET_CHOICES]
     if unknown:
         raise FlagError(f"--dataset_names: unknown dataset(s) {unknown}; known: {', '.join(DATASET_CHOICES)}")

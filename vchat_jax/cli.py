@@ -62,10 +62,14 @@ def train_main(argv: list[str] | None = None, prog: str = "vchat train-jax") -> 
 
     if args.distributed:
         jax.distributed.initialize()
-    from .train import TrainRun
+    from vchat.run_guard import RunGuard
 
-    os.makedirs(args.output_dir, exist_ok=True)
-    TrainRun(args).train()
+    from .train import TrainRun, resumable_steps
+
+    lead = jax.process_index() == 0  # the writing process: it holds output_dir's lock
+    with RunGuard(args, resumable_steps(args.output_dir), lead, print if lead else lambda line: None) as guard:
+        os.makedirs(args.output_dir, exist_ok=True)
+        TrainRun(args, guard).train()
     return 0
 
 

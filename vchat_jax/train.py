@@ -50,6 +50,8 @@ from vchat.checkpoint_files import TOKENIZER_NAME
 from vchat.config import ModelConfig
 from vchat.data.pipeline import build_training_data
 from vchat.param_groups import check_parts, is_trainable
+from vchat.run_guard import RunGuard, model_facts, run_identity
+from vchat.run_steps import StepDirs
 from vchat.splice import SplicePlan
 from vchat.train_args import HFSource, model_source, total_steps
 from vchat.train_log import appending_log, plot_losses, read_log
@@ -142,15 +144,18 @@ class Trainer:
 
     def _train_step(self, params, opt_state, step, frozen, batch):
         loss, grads = jax.value_and_grad(self.loss_fn)(params, frozen, batch)
-        updates, opt_state = self.tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                   "lr": self.opt.learning_rate * self._lam(step)}
+        updates, new_opt_state = self.tx.update(grads, opt_state, params)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # a NaN or Inf step leaves the state as it was
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (optax.apply_updates(params, updates), new_opt_state), (params, opt_state))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.opt.learning_rate * self._lam(step)}
         return params, opt_state, step + 1, metrics
 
     def step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
         """One optimizer step on a `vchat.data.Batch` (or a planned dict). Returns the new state and
-        {"loss", "grad_norm" (before clipping), "lr" (of the non-embed groups)} as device scalars. With
+        {"loss", "grad_norm" (before clipping), "lr" (of the non-embed groups)} as device scalars; a step
+        whose loss or gradient norm is NaN or Inf counts, but leaves the parameters and moments as they were. With
         `donate` (the default) the old state's params and opt_state buffers are reused: do not read them."""
         arrays = batch if isinstance(batch, dict) and "image_index" in batch else self.plan(batch)
         with jax.set_mesh(self.mesh):
@@ -247,7 +252,7 @@ def build_model(args: argparse.Namespace, mesh: jax.sharding.Mesh) -> VisualChat
     if isinstance(src, HFSource):
         from .hf import from_hf
 
-        return from_hf(src.lm_dir, src.vision_dir, mesh=mesh, **src.kwargs)
+        return from_hf(src.lm_dir, src.vision_dir, mesh=mesh, dtype="float32", **src.kwargs)  # trains in fp32
     if isinstance(src, str):
         from .checkpoint import from_pretrained
 
@@ -255,15 +260,23 @@ def build_model(args: argparse.Namespace, mesh: jax.sharding.Mesh) -> VisualChat
     return VisualChat(src, nnx.Rngs(args.seed))
 
 
+def resumable_steps(output_dir: str) -> StepDirs:
+    """The orbax train states of a run: output_dir/state/<N>."""
+    return StepDirs(os.path.join(output_dir, "state"), r"(\d+)")
+
+
 class TrainRun:
     """One run of `vchat train-jax` on this process (the twin of vchat_torch/train.py's Trainer):
 
-        run = TrainRun(args)   # mesh, model, data, Trainer
-        run.train()            # resumes from output_dir/state if it holds a step, then runs to the end
+        run = TrainRun(args, guard)   # mesh, model, data, the step to resume from, Trainer
+        run.train()                   # resumes from output_dir/state if it holds a step, then runs to the end
+
+    `guard` (vchat/run_guard.py) holds the output directory: the resume refuses a changed run and falls
+    back to the newest intact step, saves are marked intact and pruned, a NaN or Inf stops the run.
     """
 
-    def __init__(self, args: argparse.Namespace):
-        self.args, self.lead = args, jax.process_index() == 0
+    def __init__(self, args: argparse.Namespace, guard: RunGuard):
+        self.args, self.lead, self.guard = args, jax.process_index() == 0, guard
         self.rank, self.world = jax.process_index(), jax.process_count()
         shape = parse_mesh(args.mesh) or {"data": len(jax.devices())}
         try:
@@ -284,6 +297,10 @@ class TrainRun:
             raise SystemExit(f"{len(self.train_data)} training samples make no batch of {self.global_batch} "
                              f"({args.per_device_train_batch_size} per device x {dp} data-parallel shards)")
         self.total_steps = total_steps(args.num_train_epochs, self.steps_per_epoch, args.max_steps)
+        self.resume_from = guard.resume_point(run_identity(
+            args, model=model_facts(model_source(args), model.config, self.tokenizer_json),
+            data={"train_samples": len(self.train_data), "eval_samples": len(self.eval_data)},
+            world={"processes": self.world, "global_batch": self.global_batch}))
         opt = OptimizerConfig(learning_rate=args.learning_rate,
                               learning_rate_pretraining_components=args.learning_rate_pretraining_components,
                               weight_decay=args.weight_decay, lr_scheduler_type=args.lr_scheduler_type,
@@ -299,12 +316,29 @@ class TrainRun:
             print(msg, flush=True)
 
     def maybe_resume(self) -> TrainState:
-        """The latest saved train state under output_dir/state, or a fresh one."""
-        if latest_step(self.state_dir) is None:
+        """The newest intact train state under output_dir/state (the guard's choice), or a fresh one."""
+        if self.resume_from is None:
             return self.trainer.init_state()
-        state = self.trainer.restore(self.state_dir)
+        state = self.trainer.restore(self.state_dir, step=self.resume_from.step)
         self.say(f"[train-jax] resumed from {self.state_dir} at step {int(state.step)}")
         return state
+
+    def save(self, state: TrainState) -> str:
+        """The train state at output_dir/state/<step>, marked intact; --save_total_limit prunes older ones."""
+        step = int(state.step)
+        self.guard.begin_save(step)
+        path = self.trainer.save(state, self.state_dir)
+        self.guard.end_save(step)
+        return path
+
+    def settle(self, pending: list[tuple[int, dict]]) -> None:
+        """Check the losses and gradient norms of the steps since the last check (the device runs ahead
+        meanwhile): a non-finite step left the state as it was; past --max_nonfinite_skips, DivergedError."""
+        for step, m in pending:
+            loss, norm = float(m["loss"]), float(m["grad_norm"])
+            if not self.guard.nonfinite.check(step, loss=loss, grad_norm=norm):
+                self.say(f"[train-jax] step {step}: loss {loss}, grad_norm {norm}; skipped (the state is unchanged)")
+        pending.clear()
 
     def evaluate(self, state: TrainState) -> float | None:
         """Mean loss over the full evaluation batches (None if the eval split makes none)."""
@@ -328,7 +362,7 @@ class TrainRun:
                  f"{self.global_batch}; {self.steps_per_epoch} steps per epoch, {total} in all")
         log_every = args.log_every or max(1, total // 20)
         started, step = time.perf_counter(), int(state.step)
-        t0, tokens = time.perf_counter(), 0
+        t0, tokens, pending = time.perf_counter(), 0, []
         with appending_log(args.output_dir, enabled=self.lead) as append:
             while step < total:
                 epoch, skip = divmod(step, self.steps_per_epoch)
@@ -337,8 +371,10 @@ class TrainRun:
                                            skip):
                     state, m = trainer.step(state, batch)
                     step, ran = step + 1, ran + 1
+                    pending.append((step, m))
                     tokens += int(np.asarray(batch.attention_mask).sum())
                     if step % log_every == 0 or step == total:
+                        self.settle(pending)
                         row = {"step": step, "epoch": epoch, **{k: float(v) for k, v in m.items()}}
                         row["tokens_per_s"] = tokens * self.world / max(time.perf_counter() - t0, 1e-9)
                         append(row)
@@ -348,13 +384,16 @@ class TrainRun:
                                      f"{row['tokens_per_s']:.0f} text tokens/s")
                         t0, tokens = time.perf_counter(), 0
                     if args.save_every and step % args.save_every == 0 and step < total:
-                        trainer.save(state, self.state_dir, keep=2)
+                        self.settle(pending)
+                        self.save(state)
                     if step >= total:
                         break
                 if ran == 0:
                     raise SystemExit(f"epoch {epoch} yielded no batch (the length budget drops the samples?)")
+        self.settle(pending)
         eval_loss = self.evaluate(state)
-        path = trainer.save(state, self.state_dir, keep=2)
+        self.guard.nonfinite.require(step, eval_loss=eval_loss)  # a diverged model is never exported
+        path = self.save(state)
         final = self.export(state)
         if self.lead:
             plot_losses(read_log(args.output_dir), args.output_dir)

@@ -148,12 +148,13 @@ class VisualAttention(nnx.Module):
 
 
 class QwenMLP(nnx.Module):
-    def __init__(self, width: int, mlp: int, rngs: nnx.Rngs):
+    def __init__(self, width: int, mlp: int, act: str, rngs: nnx.Rngs):
+        self.act = act  # "gelu" (exact) in Qwen-VL
         self.c_fc = linear(width, mlp, ("vis_embed", "vis_mlp"), rngs)
         self.c_proj = linear(mlp, width, ("vis_mlp", "vis_embed"), rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.c_proj(ACT["gelu"](self.c_fc(x)))
+        return self.c_proj(ACT[self.act](self.c_fc(x)))
 
 
 class VisualAttentionBlock(nnx.Module):
@@ -162,7 +163,7 @@ class VisualAttentionBlock(nnx.Module):
         self.ln_1 = layer_norm(w, cfg.layer_norm_eps, "vis_embed", rngs)
         self.ln_2 = layer_norm(w, cfg.layer_norm_eps, "vis_embed", rngs)
         self.attn = VisualAttention(w, cfg.num_attention_heads, rngs)
-        self.mlp = QwenMLP(w, cfg.intermediate_size, rngs)
+        self.mlp = QwenMLP(w, cfg.intermediate_size, cfg.hidden_act, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attn(self.ln_1(x))

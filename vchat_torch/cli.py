@@ -44,19 +44,30 @@ from vchat.template import MAX_IMAGES
 
 def train_main(argv: list[str] | None = None, prog: str = "vchat train") -> int:
     """`vchat train`: one process of a (possibly multi-process) DeepSpeed run."""
+    from vchat.run_guard import RunGuard
+
     from .distributed import init_distributed, shutdown_distributed
-    from .train import Trainer
+    from .train import Trainer, resumable_steps
     from .train_args import DeepSpeedConfigError, parse_args
 
-    args = parse_args(argv, prog)
-    os.makedirs(args.output_dir, exist_ok=True)
-    rank, world = init_distributed()
     try:
-        Trainer(args, rank, world).train(stop_after=args.stop_after_steps)
+        args = parse_args(argv, prog)  # every flag and the --deepspeed_config entries, before any work
     except DeepSpeedConfigError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
-    shutdown_distributed()
+    lead = int(os.environ.get("RANK", "0")) == 0  # the writing process: it holds output_dir's lock
+    with RunGuard(args, resumable_steps(args.output_dir), lead, print if lead else lambda line: None) as guard:
+        os.makedirs(args.output_dir, exist_ok=True)
+        rank, world = init_distributed()
+        try:
+            Trainer(args, rank, world, guard).train(stop_after=args.stop_after_steps)
+        except DeepSpeedConfigError as e:
+            print(f"{prog}: {e}", file=sys.stderr)
+            return 2
+        except UserError:  # met by every rank at the same point: a refused resume, a diverged run
+            shutdown_distributed()
+            raise
+        shutdown_distributed()
     return 0
 
 

@@ -38,6 +38,8 @@ from vchat.checkpoint_files import CONFIG_NAME, TOKENIZER_NAME
 from vchat.data.pipeline import build_training_data
 from vchat.io import writing_file
 from vchat.param_groups import is_trainable
+from vchat.run_guard import RunGuard, model_facts, run_identity
+from vchat.run_steps import StepDirs
 from vchat.train_args import HFSource, model_source, total_steps
 from vchat.train_log import plot_losses, write_log
 
@@ -46,6 +48,12 @@ from .checkpoint import from_pretrained, save_pretrained
 from .distributed import export_state_dict, make_engine
 from .model import VisualChat
 from .optim import make_optimizer
+from .train_args import ds_config
+
+
+def resumable_steps(output_dir: str) -> StepDirs:
+    """The DeepSpeed checkpoints of a run: output_dir/ds/step<N>, and `latest` naming the newest."""
+    return StepDirs(os.path.join(output_dir, "ds"), r"step(\d+)", latest="latest")
 
 
 def log(msg: str, rank: int = 0) -> None:
@@ -101,12 +109,15 @@ def set_rng_state(state: dict) -> None:
 class Trainer:
     """One training run of `vchat train` on this process (rank `rank` of `world`):
 
-        trainer = Trainer(args, rank, world)   # model, data, optimizer, DeepSpeed engine
+        trainer = Trainer(args, rank, world, guard)   # model, data, the step to resume from, DeepSpeed engine
         trainer.train(stop_after=0)            # resumes from output_dir/ds if it can, then runs to the end
+
+    `guard` (vchat/run_guard.py) holds the output directory: the resume refuses a changed run and falls
+    back to the newest intact step, saves are marked intact and pruned, a NaN or Inf stops the run.
     """
 
-    def __init__(self, args: argparse.Namespace, rank: int, world: int):
-        self.args, self.rank, self.world = args, rank, world
+    def __init__(self, args: argparse.Namespace, rank: int, world: int, guard: RunGuard):
+        self.args, self.rank, self.world, self.guard = args, rank, world, guard
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
@@ -125,6 +136,10 @@ class Trainer:
         self.micro_per_epoch -= self.micro_per_epoch % gas
         self.steps_per_epoch = self.micro_per_epoch // gas
         self.total_steps = total_steps(args.num_train_epochs, self.steps_per_epoch, args.max_steps)
+        self.resume_from = guard.resume_point(run_identity(  # refuses a changed run before the engine is built
+            args, model=model_facts(model_source(args), self.config, self.tokenizer_json),
+            data={"train_samples": len(self.train_data), "eval_samples": len(self.eval_data)},
+            world={"processes": world}, deepspeed=ds_config(args, world)))
         opt, sched = make_optimizer(model, args, self.total_steps)
         self.engine, self.sched, self.ds_config = make_engine(model, opt, sched, args, world)
         cfg = self.ds_config
@@ -151,21 +166,23 @@ class Trainer:
     def save_resumable(self) -> None:
         state = {"step": self.step, "epoch": self.epoch, "micro_done": self.micro_done, "best": self.best,
                  "history": self.history, "rng": rng_state()}
-        self.engine.save_checkpoint(self.ds_dir, tag=f"step{self.step}", client_state=state)
+        self.guard.begin_save(self.step)
+        self.engine.save_checkpoint(self.ds_dir, tag=f"step{self.step}", client_state=state, save_latest=False)
         if self.rank == 0 and not os.path.exists(os.path.join(self.ds_dir, TOKENIZER_NAME)):
             # once per run, so that ds/ loads on its own (vchat_torch.checkpoint.from_zero, vchat convert)
             self.config.save(os.path.join(self.ds_dir, CONFIG_NAME))
             with writing_file(os.path.join(self.ds_dir, TOKENIZER_NAME)) as f:
                 f.write(self.tokenizer_json)
+        self.guard.end_save(self.step)  # step<N>/vchat_step.json, then `latest` names it
         self.last_save = self.step
         log(f"[ckpt] resumable checkpoint at step {self.step} -> {self.ds_dir}/step{self.step}", self.rank)
 
     def maybe_resume(self) -> None:
-        if not os.path.exists(os.path.join(self.ds_dir, "latest")):
+        if self.resume_from is None:
             return
-        path, state = self.engine.load_checkpoint(self.ds_dir)
+        path, state = self.engine.load_checkpoint(self.ds_dir, tag=self.resume_from.name)
         if path is None:
-            raise SystemExit(f"{self.ds_dir}/latest exists but its checkpoint could not be loaded")
+            raise SystemExit(f"{self.resume_from.path}: DeepSpeed could not load it")
         self.step, self.epoch, self.micro_done = state["step"], state["epoch"], state["micro_done"]
         self.best, self.history = state["best"], state["history"]
         set_rng_state(state["rng"])
@@ -214,9 +231,36 @@ class Trainer:
         self.last_eval = self.step
         self.record(eval_loss=loss)
         log(f"[eval] step {self.step}: eval loss {loss:.4f}", self.rank)
+        if len(self.eval_data) >= self.world * self.args.per_device_eval_batch_size:  # NaN: no eval batch
+            self.guard.nonfinite.require(self.step, eval_loss=loss)  # a diverged model is never exported
         if loss < self.best:
             self.best = loss
             self.export("best")
+
+    def checked(self, loss: torch.Tensor, window: list[float]) -> torch.Tensor:
+        """The micro-batch's loss to backpropagate (its value appended to `window`) when it is finite on
+        every rank; otherwise (within --max_nonfinite_skips, else DivergedError naming the step) a zero
+        loss over the trainable parameters: the micro-batch adds no gradient."""
+        value = loss.item()
+        bad = torch.tensor([0.0 if math.isfinite(value) else 1.0], device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(bad)
+        if not bad.item():
+            window.append(value)
+            return loss
+        self.guard.nonfinite.check(self.step + 1, loss=value if not math.isfinite(value) else math.nan)
+        log(f"[train] step {self.step + 1}: a micro-batch's loss is {value}; skipped "
+            f"({len(self.guard.nonfinite.skipped)} of --max_nonfinite_skips {self.args.max_nonfinite_skips})",
+            self.rank)
+        return sum((p * 0).sum() for p in self.engine.module.parameters() if p.requires_grad)
+
+    def check_grad_norm(self) -> None:
+        """Stop on a non-finite gradient norm where DeepSpeed reports one (ZeRO 1-3; fp16 has its own loss
+        scaling). ZeRO 1-2 skipped such a step themselves: counted against --max_nonfinite_skips."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None and self.args.precision != "fp16":
+            if not self.guard.nonfinite.check(self.step, grad_norm=float(norm)):
+                log(f"[train] step {self.step}: gradient norm {float(norm)}; skipped", self.rank)
 
     def train(self, stop_after: int = 0) -> None:
         from tqdm import tqdm
@@ -235,16 +279,16 @@ class Trainer:
             t0, tokens = time.perf_counter(), 0
             for batch in batches:
                 out = self.engine(**to_device(batch, self.device))
-                self.engine.backward(out.loss)
+                self.engine.backward(self.checked(out.loss, window))
                 self.engine.step()
                 self.micro_done += 1
                 tokens += int((out.modality > 0).sum())
-                window.append(out.loss.item())
                 if self.micro_done % gas:
                     continue
                 self.step += 1
                 steps_this_run += 1
-                loss, window = float(np.mean(window)), []
+                self.check_grad_norm()
+                loss, window = float(np.mean(window)) if window else math.nan, []
                 rate = tokens * self.world / max(time.perf_counter() - t0, 1e-9)
                 self.record(loss=loss, lr=float(self.sched.get_last_lr()[0]), tokens_per_s=rate)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}", refresh=False)

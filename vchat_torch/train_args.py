@@ -14,6 +14,7 @@ import json
 import os
 
 from vchat.errors import UserError
+from vchat.flag_checks import ds_config_problems
 from vchat.train_args import FlagError, parse_train_args, train_parser
 
 SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -58,6 +59,11 @@ def check_flags(args: argparse.Namespace) -> None:
     """`vchat train`'s own flags, checked after the shared ones (a FlagError names the flag)."""
     if args.only_optimize_lora and args.lang_lora_dim <= 0 and args.vis_lora_dim <= 0:
         raise FlagError("--only_optimize_lora needs --lang_lora_dim or --vis_lora_dim > 0")
+    if args.max_nonfinite_skips and args.zero_stage == 3:
+        raise FlagError("--max_nonfinite_skips needs --zero_stage 0-2 (a skipped micro-batch backpropagates a "
+                        "zero loss through every trainable parameter; ZeRO-3 holds them partitioned)")
+    if args.deepspeed_config:  # every entry before any work (DeepSpeedConfigError), the world size as launched
+        ds_config(args, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def parse_args(argv=None, prog: str = "vchat train") -> argparse.Namespace:
@@ -106,6 +112,9 @@ def read_user_config(path: str) -> dict:
         raise DeepSpeedConfigError(f"--deepspeed_config {path}: not valid JSON (line {e.lineno}: {e.msg})") from e
     if not isinstance(cfg, dict):
         raise DeepSpeedConfigError(f"--deepspeed_config {path}: expected a JSON object, got {type(cfg).__name__}")
+    problems = ds_config_problems(cfg)
+    if problems:
+        raise DeepSpeedConfigError(f"--deepspeed_config {path}: {'; '.join(problems)}")
     return cfg
 
 

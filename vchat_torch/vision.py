@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers.activations import ACT2FN
 
 from vchat.config import VisionConfig
 from vchat.vision_math import sincos_2d
@@ -60,14 +61,14 @@ class VisualAttention(nn.Module):
 
 
 class VisualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int, mlp: int, eps: float):
+    def __init__(self, width: int, heads: int, mlp: int, eps: float, act: str):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width, eps=eps)
         self.ln_2 = nn.LayerNorm(width, eps=eps)
         self.attn = VisualAttention(width, heads)
         self.mlp = nn.Sequential()
         self.mlp.add_module("c_fc", nn.Linear(width, mlp))
-        self.mlp.add_module("gelu", nn.GELU())
+        self.mlp.add_module("gelu", ACT2FN[act])  # "gelu" (exact) in Qwen-VL
         self.mlp.add_module("c_proj", nn.Linear(mlp, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +80,8 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.resblocks = nn.ModuleList(
-            VisualAttentionBlock(cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.layer_norm_eps)
+            VisualAttentionBlock(cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.layer_norm_eps,
+                                 cfg.hidden_act)
             for _ in range(cfg.num_hidden_layers))
         self.gradient_checkpointing = False
 

@@ -119,9 +119,8 @@ def test_table_covers_every_field():
         assert getattr(getattr(changed, owner) if owner else changed, leaf) != default, name
 
 
-@pytest.mark.parametrize("name", list(ALTERNATIVES))
-def test_torch_equals_jax_logits(name):
-    config = configured(name)
+def torch_and_jax_logits(config: ModelConfig):
+    """Both frameworks' logits on `batch(config)` (same weights), and the valid positions (B, L)."""
     tm, jm = make_pair(config)
     b = batch(config)
     t = torch.from_numpy
@@ -131,12 +130,29 @@ def test_torch_equals_jax_logits(name):
     with jax.default_matmul_precision("highest"):
         logits_j = np.asarray(forward_planned(jm, plan, jnp.asarray(b["images"]), with_loss=False).logits)
     np.testing.assert_array_equal(out.modality.numpy(), plan.modality)
-    valid = plan.modality > 0
-    diff = float(np.abs(out.logits.numpy() - logits_j)[valid].max())
+    return out.logits.numpy(), logits_j, plan.modality > 0, jm
+
+
+@pytest.mark.parametrize("name", list(ALTERNATIVES))
+def test_torch_equals_jax_logits(name):
+    config = configured(name)
+    logits_t, logits_j, valid, jm = torch_and_jax_logits(config)
+    diff = float(np.abs(logits_t - logits_j)[valid].max())
     assert diff <= ATOL, f"{name}: logits max |diff| {diff:.3e}"
     if config.llm.tie_word_embeddings:
         assert "lm_head" not in nnx.to_pure_dict(nnx.state(jm, nnx.Param))["lang_decoder"]
         assert "lang_decoder.lm_head.weight" not in {e.torch for e in expand(config)}
+
+
+def test_qwen_tower_honours_hidden_act():
+    """The Qwen tower's MLP activation follows vision.hidden_act in both frameworks (Qwen-VL: "gelu")."""
+    logits = {}
+    for act in ("gelu", "relu"):
+        config = BASE.replace(vision=dataclasses.replace(BASE.vision, **{**QWEN, "hidden_act": act}))
+        logits_t, logits_j, valid, _ = torch_and_jax_logits(config)
+        assert float(np.abs(logits_t - logits_j)[valid].max()) <= ATOL, act
+        logits[act] = logits_t[valid]
+    assert float(np.abs(logits["gelu"] - logits["relu"]).max()) > 1e-3
 
 
 @pytest.mark.parametrize("std", [0.02, 0.1])

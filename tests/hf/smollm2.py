@@ -94,3 +94,14 @@ def perplexity(model_dir: str, text: str = PARAGRAPH) -> float:
     ids = tok(text, return_tensors="pt").input_ids
     with torch.no_grad():
         return float(model(ids, labels=ids).loss.exp())
+
+
+def reference_outputs(ref, ids) -> tuple:
+    """transformers' LlamaForCausalLM on (1, L) numpy ids: (logits as numpy, a greedy 20-token continuation)."""
+    import torch
+
+    x = torch.from_numpy(np.asarray(ids))
+    with torch.no_grad():
+        logits = ref(x).logits.numpy()
+        cont = ref.generate(x, do_sample=False, max_new_tokens=20, min_new_tokens=20)[0, x.shape[1]:]
+    return logits, cont.tolist()

@@ -20,9 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CONFIGS = os.path.join(ROOT, "configs")
 BIN = os.path.dirname(sys.executable)
 JSONS = {"ds_zero0.json": 0, "ds_zero1.json": 1, "ds_zero2.json": 2, "ds_zero3.json": 3, "ds_zero3_offload.json": 3}
-RECIPES = {"run_7b.sh": ("llama2-7b-clip-l14", "clip", 4096),
-           "run_13b.sh": ("llama2-13b-qwen", "qwen", 5120),
-           "run_70b.sh": ("llama2-70b-qwen", "qwen", 8192)}
+RECIPES = {"run_7b.sh": ("llama2-7b-clip-l14", "clip", 4096, "./Llama-2-7b-hf", "./clip-vit-large-patch14"),
+           "run_13b.sh": ("llama2-13b-qwen", "qwen", 5120, "./Llama-2-13b-hf", "./Qwen-VL-Chat"),
+           "run_70b.sh": ("llama2-70b-qwen", "qwen", 8192, "./Llama-2-70b-hf", "./Qwen-VL-Chat")}
 REFERENCE_DATASETS = ["llava", "llava_dial", "otter_mimicit_cgd", "otter_mimicit_sd", "otter_mimicit_sn",
                       "otter_mimicit_tvc", "otter_mimicit_vst", "llava_otter_blend", "sparkles_dialogue"]
 
@@ -94,7 +94,7 @@ def run_recipe(tmp_path, script, **env_vars):
 def test_recipe_launches_the_reference_run(tmp_path, script):
     from deepspeed.launcher.runner import parse_args as launcher_args
 
-    model, vision_kind, hidden = RECIPES[script]
+    model, vision_kind, hidden, lm_dir, vision_dir = RECIPES[script]
     launch = launcher_args(run_recipe(tmp_path, script))
     assert launch.module and launch.user_script == "vchat_torch.train" and launch.num_gpus == 8
     args = parse_args(launch.user_args)  # vchat's parser and its checks
@@ -107,19 +107,21 @@ def test_recipe_launches_the_reference_run(tmp_path, script):
     assert args.dataset_names == REFERENCE_DATASETS and args.dataset_samples == ["all"]
     assert args.dataset_concatenate_samples == [3, 2, 1, 1, 1, 1, 1, 1, 1]
     assert args.data_path == "./data" and args.precision == "fp16" and args.deepspeed_config is None
-    # the model: a preset of the right size (or, set through LLM=, a checkpoint directory)
-    assert args.lm_model_name_or_path == model and args.tokenizer == f"{model}/tokenizer.json"
+    # the model: Hugging Face directories, as the reference's recipe (or, set through LLM=, a vchat checkpoint
+    # directory or the preset of the right size with random weights)
+    assert (args.lm_model_name_or_path, args.vision_model_name_or_path, args.tokenizer) == (lm_dir, vision_dir, None)
     cfg = preset(model)
     assert (cfg.vision.kind, cfg.llm.hidden_size) == (vision_kind, hidden)
     assert args.output_dir.startswith("./output/") and (tmp_path / args.output_dir).is_dir()
     assert (tmp_path / args.output_dir / "training.log").exists()
 
     # paths are variables; DS_CONFIG adds --deepspeed_config, extra arguments go last
-    launch = launcher_args(run_recipe(tmp_path, script, LLM="ckpt/mine", DATA_PATH="/data/dsvc", NUM_GPUS="2",
+    launch = launcher_args(run_recipe(tmp_path, script, LLM=model, TOKENIZER="ckpt/tokenizer.json",
+                                      DATA_PATH="/data/dsvc", NUM_GPUS="2",
                                       DS_CONFIG=os.path.join(CONFIGS, "ds_zero3_offload.json")))
     args = parse_args(launch.user_args)
     assert (launch.num_gpus, args.lm_model_name_or_path, args.tokenizer, args.data_path) == (
-        2, "ckpt/mine", "ckpt/mine/tokenizer.json", "/data/dsvc")
+        2, model, "ckpt/tokenizer.json", "/data/dsvc")
     assert ds_config(args, 2)["zero_optimization"]["offload_param"]["device"] == "cpu"
 
 
