@@ -110,6 +110,6 @@ def test_refusals(golden_dir, tmp_path, capsys):
 def test_command_line(argv):
     r = subprocess.run([sys.executable, "-m", "convert.cli", *argv], cwd=ROOT, capture_output=True, text=True)
     if argv == ["--help"]:
-        assert r.returncode == 0 and "--from {dsvc,zero,torch,jax}" in r.stdout and "vchat convert --from" in r.stdout
+        assert r.returncode == 0 and "--from {dsvc,zero,torch,jax,hf}" in r.stdout and "vchat convert --from" in r.stdout
     else:
         assert r.returncode == 2 and "invalid choice: 'gguf'" in r.stderr
