@@ -6,8 +6,8 @@
     vchat convert --from hf --to torch out/hf out/torch-again  # an export reads back as it was written
 
 `--from hf --to torch` streams tensor by tensor (vchat_torch/hf_convert.py): memory holds one tensor,
-whatever the model's size. `--to jax` builds the model abstractly and fills each parameter as it is
-read (vchat_jax/hf.py), then saves it with orbax. `--to hf` writes the layout of vchat/hf_export.py from
+whatever the model's size. `--to jax` streams as well: each parameter is read, converted and written
+to orbax before the next (vchat_jax/hf.py's save_hf). `--to hf` writes the layout of vchat/hf_export.py from
 any source format (LoRA merged, the tensors' dtypes kept for a vchat_torch source).
 """
 
@@ -37,15 +37,9 @@ def from_hf(src: str, dst: str, dst_format: str, vision: str | None, vision_type
 
         convert_hf(src, vision, dst, dtype=getattr(torch, dtype) if dtype else None, log=log, **kw)
     else:
-        import json
+        from vchat_jax.hf import save_hf
 
-        from vchat.hf_export import preprocessor_json
-        from vchat_jax.hf import from_hf as jax_from_hf
-
-        model = jax_from_hf(src, vision, dtype=dtype, **kw)
-        extra = {TOKENIZER_NAME: model.tokenizer.backend.to_str(),
-                 "preprocessor_config.json": json.dumps(preprocessor_json(model.image_processor), indent=2)}
-        model.save_pretrained(dst, extra_files=extra)
+        save_hf(src, vision, dst, dtype=dtype, **kw)
     log(f"done: {dst} ({dst_format}) in {time.perf_counter() - t0:.1f}s")
 
 

@@ -171,6 +171,36 @@ def _flash(mmca, bq, bk, q, k, v, m_q, m_k, offset):
     return _flash_fwd(mmca, bq, bk, q, k, v, m_q, m_k, offset)[0]
 
 
+def _online(state, s, vb):
+    """One key block into a branch's online softmax: state = (running max, sum (B, H, bq), P @ V
+    (B, H, bq, D)); s (B, H, bq, bk), -inf where the branch does not allow the key."""
+    m, l, acc = state
+    m_new = jnp.maximum(m, s.max(-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(s - m_safe[..., None])
+    alpha = jnp.exp(m - m_safe)  # 0 while the row has seen no key of the branch
+    pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+    return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+
+
+def _both(states, s, is_img, vb):
+    """A key block with image keys into both branches at once: one max per branch, one exp, and one
+    matmul against [V of the image keys, V of the others]."""
+    (m_i, l_i, a_i), (m_t, l_t, a_t) = states
+    m_new = jnp.stack([jnp.maximum(m_i, jnp.where(is_img, s, -jnp.inf).max(-1)),
+                       jnp.maximum(m_t, jnp.where(is_img, -jnp.inf, s).max(-1))])  # (2, B, H, bq)
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(s - _pick(is_img, m_safe))  # (B, H, bq, bk): each key against its own branch's max
+    img = is_img[:, :, 0, :, None]  # (B, 1, bk, 1)
+    vx = jnp.concatenate([jnp.where(img, vb, 0.0), jnp.where(img, 0.0, vb)], -1)  # (B, H, bk, 2D)
+    pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(vb.dtype), vx, preferred_element_type=jnp.float32)
+    p_img = jnp.where(is_img, p, 0.0).sum(-1)
+    alpha = jnp.exp(jnp.stack([m_i, m_t]) - m_safe)
+    D = vb.shape[-1]
+    return ((m_new[0], alpha[0] * l_i + p_img, alpha[0][..., None] * a_i + pv[..., :D]),
+            (m_new[1], alpha[1] * l_t + p.sum(-1) - p_img, alpha[1][..., None] * a_t + pv[..., D:]))
+
+
 def _flash_fwd(mmca, bq, bk, q, k, v, m_q, m_k, offset):
     B, H, Lq, D = q.shape
     nb, nq, nk = (2 if mmca else 1), Lq // bq, k.shape[2] // bk
@@ -178,33 +208,18 @@ def _flash_fwd(mmca, bq, bk, q, k, v, m_q, m_k, offset):
     def q_block(i, carry):
         outs, lses = carry
 
-        def k_block(j, c):
-            m, l, acc = c  # running max and sum (n, B, H, bq); acc (B, H, bq, n * D): each branch's P @ V
+        def k_block(j, states):
             s, is_img = _tile(mmca, q, k, m_q, m_k, offset, i, j, bq, bk)
-            if mmca:
-                block_max = jnp.stack(jax.lax.reduce((jnp.where(is_img, s, -jnp.inf), jnp.where(is_img, -jnp.inf, s)),
-                                                     (-jnp.inf, -jnp.inf), lambda x, y: (jnp.maximum(x[0], y[0]), jnp.maximum(x[1], y[1])), (3,)))
-            else:
-                block_max = s.max(-1)[None]
-            m_new = jnp.maximum(m, block_max)
-            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            p = jnp.exp(s - _pick(is_img, m_safe))  # (B, H, bq, bk), both branches, 0 where not allowed
             vb = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)  # (B, H, bk, D)
-            if mmca:
-                p_sums = jnp.stack(jax.lax.reduce((jnp.where(is_img, p, 0.0), jnp.where(is_img, 0.0, p)),
-                                                     (0.0, 0.0), lambda x, y: (x[0] + y[0], x[1] + y[1]), (3,)))
-                mk = jax.lax.dynamic_slice_in_dim(m_k, j * bk, bk, axis=1)[:, None, :, None]  # (B, 1, bk, 1)
-                vb = jnp.concatenate([vb * (mk == 2), vb * (mk != 2)], -1)  # (B, H, bk, 2D)
-            else:
-                p_sums = p.sum(-1)[None]
-            pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
-            alpha = jnp.exp(m - m_safe)  # (n, B, H, bq); 0 before any key
-            scale = jnp.moveaxis(jnp.repeat(alpha, D, axis=0), 0, -1)  # (B, H, bq, n * D)
-            return m_new, alpha * l + p_sums, scale * acc + pv
+            if not mmca:
+                return (_online(states[0], s, vb),)
+            # most key blocks hold no image key: the image branch then skips them (block sparsity)
+            return jax.lax.cond(is_img.any(), lambda st: _both(st, s, is_img, vb),
+                                lambda st: (st[0], _online(st[1], s, vb)), states)
 
-        init = (jnp.full((nb, B, H, bq), -jnp.inf), jnp.zeros((nb, B, H, bq)), jnp.zeros((B, H, bq, nb * D)))
-        m, l, acc = jax.lax.fori_loop(0, _key_blocks(offset, i, bq, bk, nk), k_block, init)
-        acc = jnp.moveaxis(acc.reshape(B, H, bq, nb, D), 3, 0)  # (n, B, H, bq, D)
+        init = (jnp.full((B, H, bq), -jnp.inf), jnp.zeros((B, H, bq)), jnp.zeros((B, H, bq, D)))
+        states = jax.lax.fori_loop(0, _key_blocks(offset, i, bq, bk, nk), k_block, (init,) * nb)
+        m, l, acc = (jnp.stack(x) for x in zip(*states))  # (n, B, H, bq), (n, B, H, bq), (n, B, H, bq, D)
         o = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
         lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
         return (jax.lax.dynamic_update_slice_in_dim(outs, o, i * bq, axis=3),

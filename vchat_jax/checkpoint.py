@@ -1,6 +1,7 @@
 """vchat_jax checkpoints: an orbax directory, and loading torch-side checkpoints through vchat/param_map.
 
     model.save_pretrained("out/jax")                    # config.json + params/ (orbax, JAX layouts)
+    save_lazily(config, "out/jax", {"lm": {...: LazyLeaf(shape, dtype, read)}})  # the same, leaf by leaf
     model = VisualChat.from_pretrained("out/jax")       # ... or a vchat_torch directory
                                                         #     (config.json + model.safetensors)
     model = from_dsvc("tests/golden/vit-mmca", config)  # a reference pytorch_model.bin (compat "dsvc")
@@ -12,9 +13,14 @@ Nothing here imports torch: safetensors files are read with safetensors.numpy an
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import math
 import os
+from typing import Callable
 
 import jax
+import numpy as np
 from flax import nnx
 
 from vchat.checkpoint_files import CONFIG_NAME, DSVC_WEIGHTS_NAME, PARAMS_DIR, WEIGHTS_NAME
@@ -33,16 +39,63 @@ def save_pretrained(model: VisualChat, path: str, trainable_only: bool = False,
     renamed into place (replacing an existing directory)."""
     import orbax.checkpoint as ocp
 
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if trainable_only:
+        params = {k: v for k, v in params.items() if k in model.trainable_parts}
+    with _writing(path, model.config, extra_files) as tmp:
+        ckpt = ocp.StandardCheckpointer()
+        ckpt.save(os.path.join(tmp, PARAMS_DIR), params, custom_metadata={"trainable_only": trainable_only})
+        ckpt.wait_until_finished()
+
+
+IN_FLIGHT = 3  # save_lazily's leaves held at once (read, being written)
+
+
+class LazyLeaf:
+    """A parameter that exists only while orbax writes it: `read()` returns its numpy array."""
+
+    def __init__(self, shape: tuple, dtype, read: Callable[[], np.ndarray]):
+        self.shape, self.dtype, self.read = tuple(shape), np.dtype(dtype), read
+        self.size = math.prod(self.shape)
+
+
+def save_lazily(config: ModelConfig, path: str, params: dict, extra_files: dict | None = None) -> None:
+    """save_pretrained's directory (full) from `params`, a nested dict of LazyLeaf: each leaf is read when
+    orbax writes it and released once written, at most IN_FLIGHT at a time, so memory holds a few
+    parameters whatever the model's size. The parameters are recorded as numpy arrays (np.ndarray in
+    params/'s metadata): from_pretrained restores the directory as any other."""
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import future, type_handlers
+
+    class OneByOne(type_handlers.NumpyHandler):
+        async def serialize(self, values, infos, args=None):
+            args = args or [type_handlers.SaveArgs()] * len(values)
+            slots = asyncio.Semaphore(IN_FLIGHT)
+
+            async def write(value, info, arg):
+                async with slots:  # reading the next leaves overlaps writing this one
+                    await self._background_serialize([await asyncio.to_thread(value.read)], [info], [arg])
+
+            async def write_all():
+                await asyncio.gather(*(write(*x) for x in zip(values, infos, args)))
+
+            return [future.CommitFutureAwaitingContractedSignals(write_all(), name="lazy_leaves")]
+
+    registry = type_handlers.create_type_handler_registry((LazyLeaf, OneByOne(deepcopy_host_arrays=False)))
+    with _writing(path, config, extra_files) as tmp:
+        ckpt = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+        ckpt.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(
+            params, custom_metadata={"trainable_only": False}))
+
+
+@contextlib.contextmanager
+def _writing(path: str, config: ModelConfig, extra_files: dict | None):
+    """A temporary sibling of `path` holding config.json and `extra_files`, renamed into place on success."""
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with writing_dir(path) as tmp:
-        model.config.save(os.path.join(tmp, CONFIG_NAME))
-        ckpt = ocp.StandardCheckpointer()
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        if trainable_only:
-            params = {k: v for k, v in params.items() if k in model.trainable_parts}
-        ckpt.save(os.path.join(tmp, PARAMS_DIR), params, custom_metadata={"trainable_only": trainable_only})
-        ckpt.wait_until_finished()
+        config.save(os.path.join(tmp, CONFIG_NAME))
+        yield tmp
         for name, text in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w") as f:
                 f.write(text)
