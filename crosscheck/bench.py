@@ -145,11 +145,11 @@ def build_jax(cfg: ModelConfig, data: dict):
     images = jnp.asarray(data["images"])
 
     @jax.jit
-    def loss_and_grads(params, rest, images):
+    def loss_and_grads(params, rest, plan, images):  # the plan is an argument: no constant folding of masks
         return jax.value_and_grad(lambda p: forward_planned(nnx.merge(graphdef, p, rest), plan, images).loss)(params)
 
     def step():
-        jax.block_until_ready(loss_and_grads(params, rest, images))
+        jax.block_until_ready(loss_and_grads(params, rest, plan, images))
 
     def generate(n: int):
         jax.block_until_ready(model.generate(data["images"], data["input_ids"], data["attention_mask"],

@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("vchat_torch.cli:chat_main", "chat with a checkpoint: image paths and a question per round"),
     "eval": ("vchat_torch.cli:eval_main", "answer the reference's eval JSON with a checkpoint, write a CSV"),
     "demo": ("demo.run", "the main job on built-in defaults"),
-    "bench": ("crosscheck.bench", "the MMCA train step vs transformers' SDPA causal step: time, peak RSS, decode, torch and JAX"),
+    "bench": ("crosscheck.bench", "MMCA train step vs transformers' SDPA causal step: time, RSS, decode"),
 }
 
 

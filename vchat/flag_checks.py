@@ -97,7 +97,6 @@ FLAG_RULES: dict[str, Rule] = {
     "lora_alpha": optional(lambda v: None if math.isfinite(v) and v > 0 else "must be a finite number > 0"),
     "lora_dropout": lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
     "output_dir": optional(writable_dir),
-    "tokenizer": optional(existing_file),
     "deepspeed_config": optional(existing_file),
 }
 PER_DATASET = ("dataset_samples", "dataset_concatenate_samples")  # one value, or one per --dataset_names

@@ -48,8 +48,9 @@ def add_run_flags(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--save_total_limit", type=int, default=2,
                        help="keep the newest N resumable steps (0: keep every one)")
     group.add_argument("--max_nonfinite_skips", type=int, default=0,
-                       help="skip up to N optimizer steps whose loss or gradient norm is NaN or Inf "
-                            "(0: the first one stops the run)")
+                       help="skip up to N steps whose loss or gradient norm is NaN or Inf (0: the first one "
+                            "stops the run); vchat train-jax leaves the state as it was, vchat train adds no "
+                            "gradient for a micro-batch whose loss is not finite")
 
 
 # -- one writer per output directory -------------------------------------------------------------------
@@ -107,11 +108,12 @@ def _read_holder(fd: int) -> str:
 
 
 # -- the run's identity ----------------------------------------------------------------------------------
-# flags that change nothing the run computes: where it writes, what it prints, when it stops or saves
+# flags that change nothing the run computes: where it writes, what it prints, when it stops or saves, how
+# it spends memory (the --deepspeed_config file's entries are compared as the trainer's `deepspeed` fact)
 CONTROL_FLAGS = frozenset({
     "output_dir", "quiet", "stop_after_steps", "eval_every", "save_every", "log_every", "enable_tensorboard",
     "local_rank", "deepspeed", "deepspeed_config", "data_debug_path", "distributed", "mesh", "resume_anyway",
-    "no_resume", "save_total_limit", "max_nonfinite_skips", "save_trainable_only"})
+    "no_resume", "save_total_limit", "max_nonfinite_skips", "save_trainable_only", "gradient_checkpointing"})
 # the run's length: a resume may extend or shorten it (the schedule's horizon moves with it), noted
 LENGTH_FLAGS = ("num_train_epochs", "max_steps")
 

@@ -13,8 +13,10 @@
 The flags shared with `vchat train` (vchat/train_args.py: same names and defaults), plus the JAX
 ones below. The global batch is per_device_train_batch_size x (data x fsdp): one per-device batch
 per data-parallel shard, as under DeepSpeed. Output directory: `state/` (orbax train states:
-parameters, AdamW moments, step; a rerun of the same command resumes from the latest), `final/` (a
-vchat_jax checkpoint: config.json + params/, tokenizer.json), `train_log.jsonl`, `loss_curve.png`.
+parameters, AdamW moments, step; a rerun of the same command resumes from the newest intact one, the
+newest --save_total_limit kept), `final/` (a vchat_jax checkpoint: config.json + params/,
+tokenizer.json), `train_log.jsonl`, `loss_curve.png`, `.lock` (held while a run writes). The run's
+guards (lock, refusal of a changed rerun, NaN/Inf stop) are vchat/run_guard.py's.
 """
 
 from __future__ import annotations

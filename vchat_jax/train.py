@@ -234,15 +234,9 @@ class Trainer:
 
 
 def latest_step(directory: str) -> int | None:
-    """The newest saved step under an orbax train-state directory (None if there is none)."""
-    import os
-
-    import orbax.checkpoint as ocp
-
-    if not os.path.isdir(directory):
-        return None
-    with ocp.CheckpointManager(os.path.abspath(directory)) as mgr:
-        return mgr.latest_step()
+    """The newest intact step `vchat train-jax` saved under a train-state directory (None if there is
+    none); orbax's own latest_step would also count a step directory whose save did not finish."""
+    return StepDirs(directory, r"(\d+)").resumable().step
 
 
 def build_model(args: argparse.Namespace, mesh: jax.sharding.Mesh) -> VisualChat:

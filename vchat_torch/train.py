@@ -18,8 +18,11 @@ the model's dtype (B6), offload and a user DeepSpeed config are available (B9), 
 vchat's `config.json` + safetensors (B10) beside DeepSpeed's resumable checkpoint, and a resume
 restarts at the exact step with the data order and every RNG restored.
 
-Output directory: `final/` and `best/` (vchat checkpoints), `ds/` (DeepSpeed checkpoints, `latest`),
-`train_log.jsonl`, `loss_curve.png`, `tb/` (TensorBoard, with --enable_tensorboard).
+Output directory: `final/` and `best/` (vchat checkpoints), `ds/` (DeepSpeed checkpoints `step<N>/`,
+each with its `vchat_step.json`, and `latest`; the newest --save_total_limit kept), `train_log.jsonl`,
+`loss_curve.png`, `tb/` (TensorBoard, with --enable_tensorboard), `.lock` (held while a run writes).
+The run's guards (lock, refusal of a changed rerun, fallback to an intact step, NaN/Inf stop) are
+vchat/run_guard.py's.
 """
 
 from __future__ import annotations

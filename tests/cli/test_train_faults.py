@@ -154,7 +154,8 @@ def test_save_total_limit_keeps_the_newest_steps_each_marked_intact(cut):
     assert (ds / "latest").read_text() == "step3" and not (cut / "final").exists()
     manifest = json.loads((ds / "step3" / "vchat_step.json").read_text())
     assert manifest["step"] == 3 and manifest["identity"]["flags"]["--learning_rate"] == 0.01
-    assert manifest["files"]["mp_rank_00_model_states.pt"] == os.path.getsize(ds / "step3" / "mp_rank_00_model_states.pt")
+    states = ds / "step3" / "mp_rank_00_model_states.pt"
+    assert manifest["files"]["mp_rank_00_model_states.pt"] == os.path.getsize(states)
 
 
 RESUMES = [  # (name, extra flags, damage to ds/, exit status, stderr regex, stdout regexes)
@@ -195,14 +196,20 @@ def test_resume(cut, tmp_path, name, flags, damage, status, err, out):
 
 
 @pytest.mark.slow
-def test_a_diverged_run_stops_naming_the_step_and_exports_nothing_diverged(tmp_path):
+@pytest.mark.parametrize("skips, message", [
+    ("0", r"step 2: loss nan; the run stopped without saving or exporting the diverged weights "
+          r"\(--max_nonfinite_skips 0\)"),
+    ("1", r"step 3: loss nan after skipping steps \[2\]; the run stopped without saving or exporting the diverged "
+          r"weights \(--max_nonfinite_skips 1\)")])
+def test_a_diverged_run_stops_naming_the_step_and_exports_nothing_diverged(tmp_path, skips, message):
+    """--learning_rate 1e30 makes step 1's update overflow the model: step 2's loss is NaN."""
     from safetensors.numpy import load_file
 
     out = tmp_path / "div"
-    r = train(out, "--learning_rate", "1e30", "--max_steps", "3")
+    r = train(out, "--learning_rate", "1e30", "--max_steps", "3", "--max_nonfinite_skips", skips)
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr[-2000:]
-    assert re.match(r"vchat train: step 2: loss nan; the run stopped without saving or exporting the diverged "
-                    r"weights \(--max_nonfinite_skips 0\)", r.stderr), r.stderr
+    assert re.match(f"vchat train: {message}", r.stderr), r.stderr
+    assert ("step 2: a micro-batch's loss is nan; skipped (1 of --max_nonfinite_skips 1)" in r.stdout) == (skips == "1")
     assert not (out / "final").exists() and not (out / "ds").exists()
     best = load_file(str(out / "best" / "model.safetensors"))  # the step-0 evaluation's, before any step
     assert all(np.isfinite(v).all() for v in best.values())
