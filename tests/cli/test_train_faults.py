@@ -217,6 +217,7 @@ def test_a_diverged_run_stops_naming_the_step_and_exports_nothing_diverged(tmp_p
 
 # -- vchat train-jax: runs (in-process) ----------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # --learning_rate 1e39
 def test_train_jax_faults(tmp_path, capsys):
     """A 3-step run with a state per step keeps 2; a changed --learning_rate is refused (a longer run is
     not); a truncated newest state is skipped with a warning; a diverged run skips the allowed step, then
