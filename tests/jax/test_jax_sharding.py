@@ -25,7 +25,8 @@ mask = np.concatenate([z["attention_mask"], z["attention_mask"][:1]])
 labels = np.concatenate([z["labels"], z["labels"][:1]])
 imgs = np.concatenate([z["images"], z["images"][:2]])
 model = load_golden_model(case)
-loss4, logits4 = model(imgs, ids, mask, labels, [2, 1, 3, 2])
+out4 = model(imgs, ids, mask, labels, [2, 1, 3, 2])
+loss4, logits4 = out4.loss, out4.logits
 r = run_golden(case, {"data": 2, "fsdp": 2, "tensor": 2})
 assert np.abs(r["logits"] - base["logits"]).max() <= 1e-6
 assert abs(r["loss"] - base["loss"]) <= 1e-6
@@ -35,7 +36,8 @@ for shape in ({"data": 8}, {"fsdp": 4, "tensor": 2}, {"data": 2, "fsdp": 2, "ten
     mesh = make_mesh(shape)
     with jax.set_mesh(mesh):
         m = shard_model(load_golden_model(case), mesh)
-        l, lg = m(imgs, ids, mask, labels, [2, 1, 3, 2])
+        out = m(imgs, ids, mask, labels, [2, 1, 3, 2])
+        l, lg = out.loss, out.logits
         assert len(lg.sharding.device_set) == 8, lg.sharding
     print(shape, "max |logit diff|", float(np.abs(np.asarray(lg) - np.asarray(logits4)).max()))
     assert np.abs(np.asarray(lg) - np.asarray(logits4)).max() <= 1e-6, shape
