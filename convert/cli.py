@@ -43,8 +43,8 @@ import os
 import sys
 import time
 
-from vchat.checkpoint_files import (CONFIG_NAME, DSVC_META_NAME, DSVC_WEIGHTS_NAME, PARAMS_DIR, TOKENIZER_NAME,
-                                    WEIGHTS_NAME)
+from vchat.checkpoint_files import (CONFIG_NAME, DSVC_META_NAME, DSVC_WEIGHTS_NAME, PARAMS_DIR, PREPROCESSOR_NAME,
+                                    TOKENIZER_NAME, WEIGHTS_NAME)
 from vchat.config import COMPAT_MODES, ModelConfig, preset
 from vchat.errors import UserError, debugging
 from vchat.file_checks import check_json, check_safetensors
@@ -52,7 +52,7 @@ from vchat.io import list_names
 
 SOURCES = ("dsvc", "zero", "torch", "jax", "hf")
 TARGETS = ("torch", "jax", "hf")
-TOKENIZER_FILES = (TOKENIZER_NAME,)
+TOKENIZER_FILES = (TOKENIZER_NAME, PREPROCESSOR_NAME)  # carried from SRC to DST as they are
 
 
 class ConvertError(UserError):
@@ -134,13 +134,10 @@ def load_torch(fmt: str, src: str, config: ModelConfig | None, compat: str | Non
     import torch
 
     from vchat_jax.state_dict import to_state_dict
-    from vchat_torch.model import VisualChat
 
     jax_model = load_jax("jax", src, None, compat)
-    model = VisualChat(jax_model.config)
     sd = {k: torch.tensor(v) for k, v in to_state_dict(jax_model).items()}  # copies: JAX arrays are read-only
-    tc.load_state_dict_strict(model, sd, source=src)
-    return model.eval()
+    return tc.build_loaded(jax_model.config, sd, source=src)
 
 
 def load_jax(fmt: str, src: str, config: ModelConfig | None, compat: str | None):
@@ -150,15 +147,9 @@ def load_jax(fmt: str, src: str, config: ModelConfig | None, compat: str | None)
     if fmt == "dsvc":
         return jc.from_dsvc(src, config)
     if fmt == "zero":  # DeepSpeed's files are torch pickles: read them with torch
-        from flax import nnx
-
-        from vchat_jax.model import VisualChat
-        from vchat_jax.state_dict import load_state_dict
-
         torch_model = load_torch("zero", src, None, compat)
-        model = VisualChat(torch_model.config, nnx.Rngs(0))
-        load_state_dict(model, {k: v.detach().numpy() for k, v in torch_model.state_dict().items()})
-        return model
+        return jc.from_state_dict(torch_model.config, {k: v.detach().float().numpy()
+                                                       for k, v in torch_model.state_dict().items()})
     if fmt == "torch" and not os.path.exists(os.path.join(src, WEIGHTS_NAME)):
         raise ConvertError(f"{src}: no {WEIGHTS_NAME}; is this a vchat_torch directory?")
     if fmt == "jax" and not os.path.isdir(os.path.join(src, PARAMS_DIR)):

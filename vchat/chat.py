@@ -13,12 +13,18 @@ vchat_jax.chat.ChatSession add the model calls (`_ask_cached`, `_ask_full`, `res
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import UserError
 from .splice import SplicePlan, plan_splice
 from .template import MAX_IMAGES, Round, round_parts
+
+
+class ContextFull(UserError):
+    """A round's prompt does not fit what is left of the model's context."""
 
 
 @dataclass
@@ -26,6 +32,7 @@ class Turn:
     question: str
     num_images: int
     answer: str
+    cut: bool = False  # the answer stopped at the end of the model's context, not at EOS or max_new_tokens
 
 
 @dataclass
@@ -72,30 +79,57 @@ class ChatBase:
                           position_ids=p.position_ids + self.next_pos, lengths=p.lengths)
 
     def ask(self, question: str, images=None) -> str:
-        """One round: `images` (n, 3, H, W) preprocessed pixels shown with the question. Returns the answer."""
+        """One round: `images` (n, 3, H, W) preprocessed pixels shown with the question. Returns the answer.
+        The history, this round's prompt and its answer share the model's context (max_position_embeddings):
+        a prompt that does not fit is refused, and an answer that reaches the end is cut there, with a
+        warning on stderr."""
         images = None if images is None or len(images) == 0 else self.as_images(images)
         n = 0 if images is None else images.shape[0]
         if self.num_images + n > MAX_IMAGES:
             raise ValueError(f"a chat holds at most {MAX_IMAGES} images; this round would make {self.num_images + n}")
         prompt = self.prompt_ids(question, n)
+        budget = self.answer_budget(len(prompt) + n * (self.model.config.image_tokens - 1))
         self.pixels += [] if images is None else list(images)
-        answer_ids = self._ask_cached(prompt, images) if self.reuse_cache else self._ask_full(prompt)
+        answer_ids = self._ask_cached(prompt, images, budget) if self.reuse_cache else self._ask_full(prompt, budget)
         eos = self.tokenizer.eos_id
         answer_ids = [t for t in answer_ids if t != eos]
+        cut = budget < self.max_new_tokens and len(answer_ids) >= budget
+        if cut:
+            print(f"[chat] warning: the answer was cut after {len(answer_ids)} tokens at the end of the model's "
+                  f"context (max_position_embeddings = {self.model.config.llm.max_position_embeddings}); "
+                  "clear the chat to go on", file=sys.stderr, flush=True)
         if not self.reuse_cache:
             self.ids += prompt + answer_ids + [eos]
         answer = self.tokenizer.decode(answer_ids).strip()
-        self.turns.append(Turn(question, n, answer))
+        self.turns.append(Turn(question, n, answer, cut))
         return answer
+
+    def used_positions(self) -> int:
+        """Positions the history takes in the model's context (images spliced in)."""
+        if self.reuse_cache:
+            return self.next_pos
+        return len(self.ids) + self.num_images * (self.model.config.image_tokens - 1)
+
+    def answer_budget(self, prompt_len: int) -> int:
+        """Tokens this round may generate: max_new_tokens, or fewer where the context ends first (one
+        position stays for the EOS that closes the round). A prompt that leaves no room is refused."""
+        context, used = self.model.config.llm.max_position_embeddings, self.used_positions()
+        room = context - used - prompt_len - 1
+        if room < 1:
+            raise ContextFull(f"this round's prompt ({prompt_len} positions, images spliced in) does not fit the "
+                             f"model's context: the chat so far holds {used} of {context} positions "
+                             "(max_position_embeddings); clear the chat to go on")
+        return min(self.max_new_tokens, room)
 
     def as_images(self, images):
         """Pixels (n, 3, H, W) as the framework's array."""
         raise NotImplementedError
 
-    def _ask_cached(self, prompt: list[int], images) -> list[int]:
+    def _ask_cached(self, prompt: list[int], images, max_new: int) -> list[int]:
+        """The answer's ids (ending with the EOS that closes the round), at most `max_new` before it."""
         raise NotImplementedError
 
-    def _ask_full(self, prompt: list[int]) -> list[int]:
+    def _ask_full(self, prompt: list[int], max_new: int) -> list[int]:
         raise NotImplementedError
 
     def transcript(self) -> str:

@@ -247,6 +247,11 @@ def vision_source(folder: str, kind: str | None = None) -> VisionSource:
     return VisionSource(folder, "qwen", layout, _qwen_config(index, prefix, cfg, where), prefix, index)
 
 
+def saved_processor(folder: str, vision: VisionConfig):
+    """A vchat checkpoint's own image preprocessing (its preprocessor_config.json), or None without one."""
+    return image_processor(folder, vision) if os.path.exists(os.path.join(folder, "preprocessor_config.json")) else None
+
+
 def image_processor(folder: str, vision: VisionConfig):
     """The ImageProcessor of a directory's `preprocessor_config.json` (CLIPImageProcessor's fields),
     or vchat's default for the tower when there is none."""

@@ -21,6 +21,7 @@ import json
 import os
 from typing import Callable
 
+from vchat.checkpoint_files import PREPROCESSOR_NAME, TOKENIZER_NAME
 from vchat.config import CONFIG_NAME, ModelConfig
 from vchat.hf import QWEN_VL_PREFIX, VISION_LAYOUTS
 from vchat.hf_io import ShardedWriter, TensorInfo
@@ -81,6 +82,15 @@ def preprocessor_json(processor) -> dict:
             "crop_size": {"height": processor.crop_size, "width": processor.crop_size}, "do_rescale": True,
             "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(processor.mean),
             "image_std": list(processor.std), "do_convert_rgb": True}
+
+
+def checkpoint_extras(tokenizer_json: str, processor=None) -> dict[str, str]:
+    """{file name: text} a trained vchat checkpoint carries beside its weights: the tokenizer, and the image
+    preprocessing of the vision directory it was built from (`vchat chat` and `eval` read both back)."""
+    extras = {TOKENIZER_NAME: tokenizer_json}
+    if processor is not None:
+        extras[PREPROCESSOR_NAME] = json.dumps(preprocessor_json(processor), indent=2) + "\n"
+    return extras
 
 
 def tokenizer_config_json(tokenizer_json: str, config: ModelConfig) -> dict:

@@ -37,16 +37,16 @@ class ChatSession(ChatBase):
     def as_images(self, images) -> np.ndarray:
         return np.asarray(images, np.float32)
 
-    def _ask_full(self, prompt: list[int]) -> list[int]:
+    def _ask_full(self, prompt: list[int], max_new: int) -> list[int]:
         ids = np.array([self.ids + prompt])
         images = np.stack(self.pixels) if self.pixels else None
-        out = generate(self.model, images, ids, max_new_tokens=self.max_new_tokens, eos_token_id=self.tokenizer.eos_id)
+        out = generate(self.model, images, ids, max_new_tokens=max_new, eos_token_id=self.tokenizer.eos_id)
         return out.ids[0].tolist()
 
-    def _ask_cached(self, prompt: list[int], images: np.ndarray | None) -> list[int]:
+    def _ask_cached(self, prompt: list[int], images: np.ndarray | None, max_new: int) -> list[int]:
         model, eos = self.model, self.tokenizer.eos_id
         plan = self.round_plan(prompt, 0 if images is None else images.shape[0])
-        need = self.next_pos + plan.shape[1] + self.max_new_tokens + 1  # prompt, answer, closing EOS
+        need = self.next_pos + plan.shape[1] + max_new + 1  # prompt, answer, closing EOS
         capacity = -(-need // self.capacity_step) * self.capacity_step
         if self.cache is None:
             self.cache = KVCache.empty(model.config, 1, capacity, model.dtype)
@@ -58,7 +58,7 @@ class ChatSession(ChatBase):
         self.next_pos += plan.shape[1]
         answer = []
         while not answer or answer[-1] != eos:  # the EOS that closes the round goes into the cache too
-            tok = eos if len(answer) == self.max_new_tokens else int(np.argmax(np.asarray(logits, np.float32)[0]))
+            tok = eos if len(answer) == max_new else int(np.argmax(np.asarray(logits, np.float32)[0]))
             answer.append(tok)
             logits, self.cache = decode_token(graphdef, state, self.cache, jnp.asarray([tok], jnp.int32),
                                               jnp.asarray([self.next_pos], jnp.int32), True)

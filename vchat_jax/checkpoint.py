@@ -20,6 +20,7 @@ import os
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -29,7 +30,7 @@ from vchat.io import writing_dir
 from vchat.torch_pickle import read_torch_bin
 
 from .model import VisualChat
-from .state_dict import load_state_dict
+from .state_dict import state_dict_to_params
 
 
 def save_pretrained(model: VisualChat, path: str, trainable_only: bool = False,
@@ -124,44 +125,71 @@ def from_pretrained(path: str, base: str | None = None, compat: str | None = Non
     trainable-only checkpoint needs `base`, a full one to start from (a vchat directory or a reference
     checkpoint), as vchat_torch's."""
     config = load_checkpoint_config(path, compat)
-    model = VisualChat(config, nnx.Rngs(0))
     if os.path.isdir(os.path.join(path, PARAMS_DIR)):
         import orbax.checkpoint as ocp
 
         ckpt, params_dir = ocp.StandardCheckpointer(), os.path.abspath(os.path.join(path, PARAMS_DIR))
         meta = ckpt.metadata(params_dir)
         target = _abstract(config, mesh)
-        if (meta.custom_metadata or {}).get("trainable_only"):
-            if base is None:
-                raise ValueError(f"{path} holds only the trainable parameters; pass base= a full checkpoint")
-            vchat_dir = os.path.exists(os.path.join(base, CONFIG_NAME))
-            model = from_pretrained(base, compat=compat, mesh=mesh) if vchat_dir else from_dsvc(base, config, mesh)
-            target = {k: v for k, v in target.items() if k in meta.item_metadata.tree}
-        restored = ckpt.restore(params_dir, target)
+        if not (meta.custom_metadata or {}).get("trainable_only"):
+            restored = ckpt.restore(params_dir, target)  # each leaf placed with its sharding as it is read
+            model = filled(config, {tuple(p): v for p, v in nnx.traversals.flatten_mapping(restored).items()}, mesh)
+            return attach_processor(model, path)
+        if base is None:
+            raise ValueError(f"{path} holds only the trainable parameters; pass base= a full checkpoint")
+        vchat_dir = os.path.exists(os.path.join(base, CONFIG_NAME))
+        model = from_pretrained(base, compat=compat, mesh=mesh) if vchat_dir else from_dsvc(base, config, mesh)
+        restored = ckpt.restore(params_dir, {k: v for k, v in target.items() if k in meta.item_metadata.tree})
         state = nnx.state(model, nnx.Param)
         nnx.replace_by_pure_dict(state, restored)
         nnx.update(model, state)
-        return model
+        return attach_processor(model, path)
     if os.path.exists(os.path.join(path, WEIGHTS_NAME)):
         from safetensors.numpy import load_file
 
-        load_state_dict(model, load_file(os.path.join(path, WEIGHTS_NAME)))
-        return _place(model, mesh)
+        return attach_processor(from_state_dict(config, load_file(os.path.join(path, WEIGHTS_NAME)), mesh), path)
     raise FileNotFoundError(f"{path}: neither {PARAMS_DIR}/ (orbax) nor {WEIGHTS_NAME}")
+
+
+def attach_processor(model: VisualChat, path: str) -> VisualChat:
+    """`model.image_processor` from the checkpoint's preprocessor_config.json, when it has one (a model
+    built from a Hugging Face vision directory keeps its preprocessing through training and conversion)."""
+    from vchat.hf import saved_processor
+
+    processor = saved_processor(path, model.config.vision)
+    if processor is not None:
+        model.image_processor = processor
+    return model
 
 
 def from_dsvc(path: str, config: ModelConfig, mesh=None) -> VisualChat:
     """A reference checkpoint (`pytorch_model.bin`, or a directory holding one), loaded strictly."""
     if os.path.isdir(path):
         path = os.path.join(path, DSVC_WEIGHTS_NAME)
-    model = VisualChat(config, nnx.Rngs(0))
-    load_state_dict(model, read_torch_bin(path))
-    return _place(model, mesh)
+    return from_state_dict(config, read_torch_bin(path), mesh)
 
 
-def _place(model: VisualChat, mesh) -> VisualChat:
-    if mesh is None:
-        return model
-    from .sharding import shard_model
+def from_state_dict(config: ModelConfig, sd: dict, mesh=None) -> VisualChat:
+    """A VisualChat holding a torch-keyed state dict's tensors (strict: vchat_jax.state_dict)."""
+    model = nnx.eval_shape(lambda: VisualChat(config, nnx.Rngs(0)))
+    shapes = {tuple(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return filled(config, state_dict_to_params(sd, config, shapes), mesh, model)
 
-    return shard_model(model, mesh)
+
+def filled(config: ModelConfig, params: dict, mesh=None, model: VisualChat | None = None) -> VisualChat:
+    """The abstract model (`nnx.eval_shape`: nothing allocated, nothing initialised) with its parameters
+    set from `params` ({path: array}, every one), each cast to the model's dtype and placed with its
+    sharding on `mesh`."""
+    model = model if model is not None else nnx.eval_shape(lambda: VisualChat(config, nnx.Rngs(0)))
+    flat = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    if set(flat) != set(params):
+        raise RuntimeError(f"parameters do not match the model: {sorted(set(flat) ^ set(params))[:8]}")
+    shardings = None
+    if mesh is not None:
+        from .sharding import param_shardings
+
+        shardings = param_shardings(model, mesh)
+    for path, var in flat.items():
+        arr = jnp.asarray(params[path], dtype=var.get_value().dtype)
+        var.set_value(jax.device_put(arr, shardings[path]) if shardings is not None else arr)
+    return model

@@ -46,7 +46,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vchat.checkpoint_files import TOKENIZER_NAME
+from vchat.hf_export import checkpoint_extras
 from vchat.config import ModelConfig
 from vchat.data.pipeline import build_training_data
 from vchat.param_groups import check_parts, is_trainable
@@ -286,6 +286,7 @@ class TrainRun:
         self.train_data, self.eval_data, self.tokenizer_json = build_training_data(
             args, model.config, verbose=not args.quiet, model_tokenizer=getattr(model, "tokenizer", None),
             processor=getattr(model, "image_processor", None))
+        self.image_processor = getattr(model, "image_processor", None)
         self.steps_per_epoch = len(self.train_data) // self.global_batch
         if self.steps_per_epoch < 1:
             raise SystemExit(f"{len(self.train_data)} training samples make no batch of {self.global_batch} "
@@ -343,7 +344,8 @@ class TrainRun:
     def export(self, state: TrainState) -> str:
         """The vchat_jax checkpoint output_dir/final (config.json, params/, tokenizer.json)."""
         final = os.path.join(self.args.output_dir, "final")
-        self.trainer.model(state).save_pretrained(final, extra_files={TOKENIZER_NAME: self.tokenizer_json})
+        extras = checkpoint_extras(self.tokenizer_json, self.image_processor)
+        self.trainer.model(state).save_pretrained(final, extra_files=extras)
         return final
 
     def train(self) -> None:

@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -131,21 +132,17 @@ def prepare_dense(m_q: torch.Tensor, m_k: torch.Tensor, mmca: bool, compat: str)
 def image_runs(m: torch.Tensor) -> list[ImageRuns]:
     """Cut each sample of a prefill (B, L) into runs of image / non-image positions; samples with the
     same layout share one entry."""
+    image = (m == 2).cpu().numpy()
     layouts: dict[tuple, list[int]] = {}
-    for b, row in enumerate((m == 2).tolist()):
-        pieces, start, seen = [], 0, 0
-        for i in range(1, len(row) + 1):
-            if i == len(row) or row[i] != row[start]:
-                pieces.append((start, i, -1 if row[start] else seen))
-                seen += (i - start) if row[start] else 0
-                start = i
-        layouts.setdefault(tuple(pieces), []).append(b)
-    out = []
-    for pieces, rows in layouts.items():
-        keys = [i for s, e, c in pieces if c < 0 for i in range(s, e)]
-        out.append(ImageRuns(rows=torch.tensor(rows, device=m.device), pieces=list(pieces),
-                             image_keys=torch.tensor(keys, dtype=torch.long, device=m.device)))
-    return out
+    for b, row in enumerate(image):
+        cuts = [0, *(np.flatnonzero(row[1:] != row[:-1]) + 1).tolist(), len(row)]
+        before = np.cumsum(row)[np.array(cuts[:-1]) - 1] * (np.array(cuts[:-1]) > 0)  # image keys before each run
+        pieces = tuple((s, e, -1 if row[s] else int(n)) for s, e, n in zip(cuts[:-1], cuts[1:], before))
+        layouts.setdefault(pieces, []).append(b)
+    return [ImageRuns(rows=torch.tensor(rows, device=m.device), pieces=list(pieces),
+                      image_keys=torch.tensor([i for s, e, c in pieces if c < 0 for i in range(s, e)], dtype=torch.long,
+                                              device=m.device))
+            for pieces, rows in layouts.items()]
 
 
 def block_mask(key_ok: torch.Tensor, q_ok: torch.Tensor | None, m_q: torch.Tensor, m_k: torch.Tensor):

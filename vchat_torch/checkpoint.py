@@ -54,6 +54,38 @@ def load_state_dict_strict(model: torch.nn.Module, sd: dict, source: str, partia
     model.load_state_dict(sd, strict=not partial)
 
 
+def build_loaded(config: ModelConfig, sd: dict, source: str) -> VisualChat:
+    """A VisualChat holding exactly the tensors of `sd` (checked against the model, in their own dtype):
+    built on the meta device and the tensors assigned, so no model is initialised only to be
+    overwritten and a bf16 file gives a bf16 model."""
+    with torch.device("meta"):
+        model = VisualChat(config)
+    aliases = tied_aliases(config)
+    sd = {**{a: sd[s] for a, s in aliases.items() if a not in sd and s in sd}, **sd}
+    check_state_dict(model, sd, source)
+    model.load_state_dict(sd, strict=True, assign=True)
+    if config.llm.tie_word_embeddings:  # assign made two parameters of one tensor: tie them again
+        model.lang_decoder.lm_head.weight = model.lang_decoder.model.embed_tokens.weight
+    materialize_buffers(model)
+    return model.eval()
+
+
+def materialize_buffers(model: torch.nn.Module) -> None:
+    """Compute the buffers a meta-device build left empty: RoPE tables and CLIP's position ids."""
+    for mod_name, module in model.named_modules():
+        meta = [n for n, b in module._buffers.items() if b is not None and b.is_meta]
+        if not meta:
+            continue
+        if set(meta) <= {"inv_freq", "original_inv_freq"}:  # transformers' rotary embedding
+            fresh = type(module)(module.config)
+            for n in meta:
+                module._buffers[n] = fresh._buffers[n]
+        elif meta == ["position_ids"] and hasattr(module, "num_positions"):  # CLIPVisionEmbeddings
+            module._buffers["position_ids"] = torch.arange(module.num_positions).expand((1, -1))
+        else:
+            raise RuntimeError(f"{mod_name}: buffers {meta} left on the meta device; vchat does not know them")
+
+
 def read_dsvc_state_dict(path: str) -> dict:
     """A reference checkpoint (a `pytorch_model.bin` or the directory holding it) as a state dict."""
     if os.path.isdir(path):
@@ -67,9 +99,7 @@ def read_dsvc_state_dict(path: str) -> dict:
 
 def from_dsvc(path: str, config: ModelConfig) -> VisualChat:
     """Build a model from a reference checkpoint; `config` gives the geometry (the reference stores none)."""
-    model = VisualChat(config)
-    load_state_dict_strict(model, read_dsvc_state_dict(path), source=path)
-    return model.eval()
+    return build_loaded(config, read_dsvc_state_dict(path), source=path)
 
 
 def save_pretrained(model: VisualChat, path: str, trainable_only: bool = False, extra_files: dict | None = None,
@@ -109,13 +139,25 @@ def from_pretrained(path: str, base: str | None = None, compat: str | None = Non
     partial = meta.get("trainable_only") == "True"
     if partial and base is None:
         raise CheckpointError(f"{weights} holds only the trainable tensors; pass base= a full checkpoint")
-    model = VisualChat(config)
     if partial:
         base_sd = load_file(os.path.join(base, WEIGHTS_NAME)) if os.path.isdir(base) and os.path.exists(
             os.path.join(base, WEIGHTS_NAME)) else read_dsvc_state_dict(base)
-        load_state_dict_strict(model, base_sd, source=base)
-    load_state_dict_strict(model, sd, source=weights, partial=partial)
-    return model.eval()
+        with torch.device("meta"):
+            check_state_dict(VisualChat(config), sd, source=weights, partial=True)
+        sd = {**base_sd, **sd}
+    model = build_loaded(config, sd, source=weights if not partial else f"{weights} over {base}")
+    attach_processor(model, path)
+    return model
+
+
+def attach_processor(model, path: str) -> None:
+    """`model.image_processor` from the checkpoint's preprocessor_config.json, when it has one (a model
+    built from a Hugging Face vision directory keeps its preprocessing through training and conversion)."""
+    from vchat.hf import saved_processor
+
+    processor = saved_processor(path, model.config.vision)
+    if processor is not None:
+        model.image_processor = processor
 
 
 # -- DeepSpeed checkpoints (`vchat train`'s ds/ directory) -----------------------------------------
@@ -176,6 +218,6 @@ def from_zero(path: str, config: ModelConfig | str | None = None, compat: str | 
     else:
         cfg = preset(config) if isinstance(config, str) else config
         cfg = cfg.replace(compat=compat) if compat else cfg
-    model = VisualChat(cfg)
-    load_state_dict_strict(model, read_zero_state_dict(path), source=path)
-    return model.eval()
+    model = build_loaded(cfg, read_zero_state_dict(path), source=path)
+    attach_processor(model, ckpt_dir)
+    return model

@@ -36,6 +36,7 @@ import argparse
 import os
 import sys
 
+from vchat.chat import ContextFull
 from vchat.checkpoint_files import TOKENIZER_NAME
 from vchat.errors import UserError
 from vchat.eval_set import AnswerLog, check_output, read_eval_json, where
@@ -161,7 +162,11 @@ def chat_loop(session, proc, read, write=print):
             return session
         if act:
             continue
-        answer = session.ask(text, pixels)
+        try:
+            answer = session.ask(text, pixels)
+        except ContextFull as e:
+            write(f"{e}; 'clear' starts over")
+            continue
         write(f"=========== Round {len(session.turns)} ===========")
         write(answer)
 

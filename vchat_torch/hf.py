@@ -24,6 +24,7 @@ from vchat.hf import image_processor
 from vchat.hf_io import open_weights
 from vchat.hf_plan import EMBED, HFPlan, plan
 
+from .checkpoint import materialize_buffers
 from .model import VisualChat
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -69,22 +70,6 @@ def _set(model: nn.Module, key: str, value: torch.Tensor) -> None:
     module = model.get_submodule(mod_name)
     old = module._parameters[name]
     module._parameters[name] = nn.Parameter(value.contiguous(), requires_grad=old.requires_grad)
-
-
-def materialize_buffers(model: nn.Module) -> None:
-    """Compute the buffers a meta-device build left empty: RoPE tables and CLIP's position ids."""
-    for mod_name, module in model.named_modules():
-        meta = [n for n, b in module._buffers.items() if b is not None and b.is_meta]
-        if not meta:
-            continue
-        if set(meta) <= {"inv_freq", "original_inv_freq"}:  # transformers' rotary embedding
-            fresh = type(module)(module.config)
-            for n in meta:
-                module._buffers[n] = fresh._buffers[n]
-        elif meta == ["position_ids"] and hasattr(module, "num_positions"):  # CLIPVisionEmbeddings
-            module._buffers["position_ids"] = torch.arange(module.num_positions).expand((1, -1))
-        else:
-            raise RuntimeError(f"{mod_name}: buffers {meta} left on the meta device; vchat does not know them")
 
 
 def _new_dtype(p: HFPlan, dtype: torch.dtype | None) -> torch.dtype:

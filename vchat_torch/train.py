@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from vchat.checkpoint_files import CONFIG_NAME, TOKENIZER_NAME
+from vchat.hf_export import checkpoint_extras
 from vchat.data.pipeline import build_training_data
 from vchat.io import writing_file
 from vchat.param_groups import is_trainable
@@ -78,7 +79,7 @@ def build_model(args: argparse.Namespace) -> VisualChat:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
         model = from_hf(src.lm_dir, src.vision_dir, zero3=zero3, dtype=dtype if zero3 else None, **src.kwargs)
     elif isinstance(src, str):
-        model = from_pretrained(src, compat=args.compat)
+        model = from_pretrained(src, compat=args.compat).float()  # fp32 weights: DeepSpeed casts for --precision
     else:
         torch.manual_seed(args.seed)
         model = VisualChat(src)
@@ -131,6 +132,7 @@ class Trainer:
         self.train_data, self.eval_data, self.tokenizer_json = build_training_data(
             args, self.config, rank == 0, model_tokenizer=getattr(model, "tokenizer", None),
             processor=getattr(model, "image_processor", None))
+        self.extras = checkpoint_extras(self.tokenizer_json, getattr(model, "image_processor", None))
         micro, gas = args.per_device_train_batch_size, args.gradient_accumulation_steps
         self.micro_per_epoch = len(self.train_data) // (world * micro)
         if self.micro_per_epoch < gas:
@@ -174,8 +176,9 @@ class Trainer:
         if self.rank == 0 and not os.path.exists(os.path.join(self.ds_dir, TOKENIZER_NAME)):
             # once per run, so that ds/ loads on its own (vchat_torch.checkpoint.from_zero, vchat convert)
             self.config.save(os.path.join(self.ds_dir, CONFIG_NAME))
-            with writing_file(os.path.join(self.ds_dir, TOKENIZER_NAME)) as f:
-                f.write(self.tokenizer_json)
+            for name, text in self.extras.items():
+                with writing_file(os.path.join(self.ds_dir, name)) as f:
+                    f.write(text)
         self.guard.end_save(self.step)  # step<N>/vchat_step.json, then `latest` names it
         self.last_save = self.step
         log(f"[ckpt] resumable checkpoint at step {self.step} -> {self.ds_dir}/step{self.step}", self.rank)
@@ -200,7 +203,7 @@ class Trainer:
         if self.rank == 0:
             save_pretrained(self.engine.module, os.path.join(self.args.output_dir, name),
                             trainable_only=self.args.save_trainable_only, state_dict=sd,
-                            extra_files={TOKENIZER_NAME: self.tokenizer_json})
+                            extra_files=self.extras)
             log(f"[ckpt] {name}/ written", self.rank)
 
     # -- loops ---------------------------------------------------------------------------------------

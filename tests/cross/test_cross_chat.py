@@ -72,3 +72,43 @@ def test_jax_kept_cache_equals_one_prefill_of_the_history():
     for i, ((k, v), (k2, v2)) in enumerate(zip(kept.cache.layers, fresh.layers)):
         np.testing.assert_allclose(np.asarray(k)[:, :, :L], np.asarray(k2), atol=ATOL, rtol=0, err_msg=f"layer {i}")
         np.testing.assert_allclose(np.asarray(v)[:, :, :L], np.asarray(v2), atol=ATOL, rtol=0, err_msg=f"layer {i}")
+
+
+@functools.lru_cache(maxsize=None)
+def short_context_pair(room: int):
+    """A pair whose context holds the first round's prompt, `room` answer tokens and the closing EOS."""
+    tm, _, tok, rounds = setup()
+    question, images = rounds[0]
+    probe = TorchChat(tm, tok)
+    spliced = len(probe.prompt_ids(question, len(images))) + len(images) * (tm.config.image_tokens - 1)
+    config = make_config()
+    config = config.replace(llm=config.llm.__class__(**{**config.llm.__dict__,
+                                                        "max_position_embeddings": spliced + room + 1}))
+    return make_pair(config), spliced
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_answers_stop_at_the_end_of_the_context(reuse, capsys):
+    """An answer that reaches max_position_embeddings is cut there with a warning, in both frameworks
+    alike; a prompt that no longer fits is refused (ContextFull) and leaves the chat as it was."""
+    from vchat.chat import ContextFull
+
+    _, _, tok, rounds = setup()
+    room = 3  # < NEW_TOKENS
+    (tm, jm), spliced = short_context_pair(room)
+    answers = []
+    for cls, model in ((TorchChat, tm), (JaxChat, jm)):
+        chat = cls(model, tok, max_new_tokens=NEW_TOKENS, reuse_cache=reuse)
+        answers.append(chat.ask(*rounds[0]))
+        used = chat.used_positions()
+        assert spliced < used <= model.config.llm.max_position_embeddings
+        n_answer = used - spliced - 1  # the answer between the prompt and the closing EOS
+        assert n_answer == room and chat.turns[0].cut  # these weights never say EOS so early
+        warned = "cut after" in capsys.readouterr().err
+        assert warned == chat.turns[0].cut
+        with pytest.raises(ContextFull, match=f"holds {used} of {model.config.llm.max_position_embeddings}"):
+            chat.ask(*rounds[1])
+        assert len(chat.turns) == 1 and chat.used_positions() == used and chat.num_images == len(rounds[0][1])
+        chat.clear()
+        assert chat.ask(*rounds[0]) == answers[-1]  # after clear the context is free again
+    assert answers[0] == answers[1]

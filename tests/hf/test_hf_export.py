@@ -39,7 +39,7 @@ def test_hf_to_vchat_to_hf_is_bit_exact(dirs, tmp_path, lm, tower):
     layout = "clip_vision" if tower == "clip_model" else tower  # a CLIPModel's text tower is not kept
     tok = open(tmp_path / "vchat" / "tokenizer.json").read()
     to_hf(model, str(tmp_path / "hf"), tok, vision_layout=layout, max_shard_bytes=40_000,
-          dtypes=checkpoint_dtypes(str(tmp_path / "vchat")))  # from_pretrained loads in float32
+          dtypes=checkpoint_dtypes(str(tmp_path / "vchat")))
     src, out = read_exported(dirs[lm]), read_exported(str(tmp_path / "hf" / "lm"))
     vocab = src["model.embed_tokens.weight"].shape[0]
     for k in ("model.embed_tokens.weight", "lm_head.weight"):  # the exported vocabulary is the resized one
@@ -54,7 +54,9 @@ def test_hf_to_vchat_to_hf_is_bit_exact(dirs, tmp_path, lm, tower):
     elif tower == "qwen_vl":
         vsrc = {k: v for k, v in vsrc.items() if k.startswith("transformer.visual.") and k != "transformer.visual.proj"}
     assert set(vsrc) == set(vout) and not same_tensors(vsrc, vout)
-    back = from_hf(str(tmp_path / "hf"), dtype=torch.float32)  # vchat -> HF -> vchat
+    assert {t.dtype for t in model.state_dict().values()} == {torch.bfloat16 if lm == "llama" else torch.float32,
+                                                              torch.float32}  # from_pretrained keeps each file dtype
+    back = from_hf(str(tmp_path / "hf"))  # vchat -> HF -> vchat, in the files' dtypes
     a, b = model.state_dict(), back.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
     assert back.config == model.config

@@ -2,6 +2,7 @@
 directory, --vision_model_name_or_path a CLIP or Qwen-VL one), train, and save the tokenizer with the
 reference's tokens; the frozen decoder stays the pretrained one."""
 
+import json
 import os
 import subprocess
 import sys
@@ -13,15 +14,21 @@ from safetensors.numpy import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
+MEAN, STD = [0.5, 0.25, 0.125], [0.2, 0.3, 0.4]
 
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
+    from transformers import CLIPImageProcessor
+
     root = tmp_path_factory.mktemp("train")
-    return make_llama_dir(str(root / "llama"), kv_heads=2, pad=False), make_qwen_dir(str(root / "qwen"))
+    vision = make_qwen_dir(str(root / "qwen"))
+    CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}, image_mean=MEAN,
+                       image_std=STD).save_pretrained(vision)  # preprocessing the trained checkpoints must keep
+    return make_llama_dir(str(root / "llama"), kv_heads=2, pad=False), vision
 
 
-@pytest.mark.parametrize("command", ["train", "train-jax"])
+@pytest.mark.parametrize("command", [pytest.param("train", marks=pytest.mark.slow), "train-jax"])
 def test_trainers_start_from_hf_directories(hf_dirs, tmp_path, command):
     lm, vision = hf_dirs
     out = tmp_path / "run"
@@ -43,13 +50,21 @@ def test_trainers_start_from_hf_directories(hf_dirs, tmp_path, command):
     assert cfg.vision.kind == "qwen" and cfg.llm.vocab_size == 64 + 3 and cfg.llm.max_position_embeddings == 256
     tok = Tokenizer.from_file(str(final / "tokenizer.json"))
     assert tok.token_to_id("<image>") == cfg.image_token_id and tok.get_vocab_size() == 67
+    with open(final / "preprocessor_config.json") as f:
+        saved = json.load(f)
+    assert saved["image_mean"] == MEAN and saved["image_std"] == STD and saved["size"] == {"shortest_edge": 40}
     if command == "train":
+        from vchat_torch.checkpoint import from_pretrained
+
+        back = from_pretrained(str(final))  # chat, eval and a resumed run preprocess as the run did
+        assert back.image_processor.size == 40 and list(back.image_processor.mean) == MEAN
         sd = load_file(str(final / "model.safetensors"))
         src = load_file(os.path.join(lm, "model.safetensors"))
         assert np.array_equal(sd["lang_decoder.model.layers.1.mlp.up_proj.weight"],
                               src["model.layers.1.mlp.up_proj.weight"])
 
 
+@pytest.mark.slow  # multi-process DeepSpeed end to end: `make test-slow`
 def test_zero3_training_from_hf_directories(hf_dirs, tmp_path):
     """Two processes, ZeRO-3: the model is built inside zero.Init from the HF files and trains."""
     import socket

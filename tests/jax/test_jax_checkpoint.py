@@ -45,3 +45,28 @@ def test_loads_a_torch_style_directory(tmp_path):
 def test_missing_directory_is_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         VisualChat.from_pretrained(str(tmp_path))
+
+
+def test_loaders_never_build_a_model_to_overwrite(tmp_path, monkeypatch):
+    """from_pretrained and from_dsvc fill an abstract model (nnx.eval_shape): VisualChat is only ever
+    constructed under tracing, so no parameter is initialised only to be overwritten."""
+    import jax
+    import jax.numpy as jnp
+
+    import vchat_jax.checkpoint as jc
+
+    model = load_golden_model(os.path.join(GOLDEN, "qwen-mmca"))
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    traced = []
+
+    class Watched(VisualChat):
+        def __init__(self, *a, **k):
+            traced.append(isinstance(jnp.zeros(()) + 1, jax.core.Tracer))
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(jc, "VisualChat", Watched)
+    back = VisualChat.from_pretrained(str(tmp_path / "ckpt"))
+    again = jc.from_dsvc(os.path.join(GOLDEN, "qwen-mmca"), model.config)
+    assert traced and all(traced), traced
+    a, b, c = _params(model), _params(back), _params(again)
+    assert all(np.array_equal(a[k], b[k]) and np.array_equal(a[k], c[k]) for k in a)

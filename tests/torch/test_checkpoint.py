@@ -97,3 +97,36 @@ def test_failed_save_leaves_the_old_checkpoint(golden, golden_dir, tmp_path, mon
         model.save_pretrained(str(tmp_path / "ck"))
     assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def test_loaders_keep_the_file_dtype_and_never_initialise(golden, golden_dir, tmp_path, monkeypatch):
+    """A bf16 checkpoint loads as bf16, bit-equal, tied weights tied; no loader runs an initialiser (the
+    model is built on the meta device and each tensor assigned from the file)."""
+    from vchat.config import preset
+
+    config = preset("tiny").replace(llm=preset("tiny").llm.__class__(
+        **{**preset("tiny").llm.__dict__, "tie_word_embeddings": True}))
+    model = VisualChat(config).to(torch.bfloat16)
+    model.save_pretrained(str(tmp_path / "bf16"))
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def never_on_real_tensors():
+        def init(t, *a, **k):
+            if not t.is_meta:
+                raise AssertionError("a loader initialised weights it was about to overwrite")
+            return t
+        return init
+
+    for name in ("normal_", "uniform_", "fill_", "zero_"):  # what every initialiser comes down to
+        monkeypatch.setattr(torch.Tensor, name, never_on_real_tensors())
+    back = from_pretrained(str(tmp_path / "bf16"))
+    got = back.state_dict()
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+    assert back.lang_decoder.lm_head.weight is back.lang_decoder.model.embed_tokens.weight
+    assert not any(t.is_meta for t in list(back.parameters()) + list(back.buffers()))
+    from_dsvc(os.path.join(golden_dir, "baseline-mmca-gqa"), golden[0])  # the reference's files too
+    monkeypatch.undo()
+    with pytest.raises(AssertionError, match="initialised"):  # the check itself catches a real build
+        monkeypatch.setattr(torch.Tensor, "normal_", never_on_real_tensors())
+        VisualChat(config)

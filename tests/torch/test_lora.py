@@ -180,6 +180,7 @@ def runs(tmp_path_factory):
     return tmp, resumed
 
 
+@pytest.mark.slow  # multi-process DeepSpeed end to end: `make test-slow`
 def test_lora_run_moves_only_trainable_tensors_and_exports_merged(runs):
     tmp, _ = runs
     ds = torch.load(tmp / "z0" / "ds" / "step5" / "mp_rank_00_model_states.pt", map_location="cpu",
@@ -213,6 +214,7 @@ def test_lora_run_moves_only_trainable_tensors_and_exports_merged(runs):
     torch.testing.assert_close(logits(loaded, b), logits(live, b), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # multi-process DeepSpeed end to end: `make test-slow`
 def test_zero3_export_and_resume(runs):
     tmp, resumed = runs
     z0, z3 = weights(tmp / "z0" / "final"), weights(tmp / "z3" / "final")

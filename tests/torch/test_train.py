@@ -74,6 +74,7 @@ def test_one_process_trains_and_writes_everything(tmp_path):
     assert not torch.equal(start.projection[0].weight, model.projection[0].weight)
 
 
+@pytest.mark.slow  # multi-process DeepSpeed end to end: `make test-slow`
 def test_zero2_and_zero3_two_processes_match_zero0(tmp_path):
     train(tmp_path / "z0", "--zero_stage", "0", procs=2)
     train(tmp_path / "z2", "--zero_stage", "2", procs=2)
@@ -96,6 +97,7 @@ def test_zero2_and_zero3_two_processes_match_zero0(tmp_path):
         assert set(ds) == set(z0) and max_diff(z0, ds) <= 1e-6, run
 
 
+@pytest.mark.slow  # multi-process DeepSpeed end to end: `make test-slow`
 def test_resume_ends_with_the_same_weights(tmp_path):
     train(tmp_path / "full", "--gradient_accumulation_steps", "2")
     r = train(tmp_path / "cut", "--gradient_accumulation_steps", "2", "--stop_after_steps", "2")
