@@ -49,7 +49,7 @@ def save_pretrained(model: VisualChat, path: str, trainable_only: bool = False,
         ckpt.wait_until_finished()
 
 
-IN_FLIGHT = 3  # save_lazily's leaves held at once (read, being written)
+IN_FLIGHT = 6  # save_lazily's leaves held at once (read, being written): 6 keeps both cores and the disk busy
 
 
 class LazyLeaf:
@@ -84,7 +84,8 @@ def save_lazily(config: ModelConfig, path: str, params: dict, extra_files: dict 
 
     registry = type_handlers.create_type_handler_registry((LazyLeaf, OneByOne(deepcopy_host_arrays=False)))
     with _writing(path, config, extra_files) as tmp:
-        ckpt = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+        # uncompressed: zstd costs more time than it saves space on trained weights (a conversion is I/O)
+        ckpt = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False))
         ckpt.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(
             params, custom_metadata={"trainable_only": False}))
 
