@@ -119,10 +119,7 @@ def flash_attention(q, k, v, m_q, m_k, mmca: bool, compat: str, q_offset=None, b
     qp = jnp.pad(q, ((0, 0), (0, 0), (0, pad_q), (0, 0)))
     kp, vp = (jnp.pad(repeat_kv(x, n_rep), ((0, 0), (0, 0), (0, pad_k), (0, 0))) for x in (k, v))
     mq, mk = jnp.pad(m_q, ((0, 0), (0, pad_q))), jnp.pad(m_k, ((0, 0), (0, pad_k)))
-    if q_offset is None and ROWS:  # prefill and training: query blocks against whole key rows, unrolled
-        out = _rows(mmca, Lk - Lq, _row_block(Lq, block), q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), m_q, m_k)
-    else:
-        out = _flash(mmca, bq, bk, qp, kp, vp, mq, mk, offset)[:, :, :Lq]  # (B, H, Lq, D) float32
+    out = _flash(mmca, bq, bk, qp, kp, vp, mq, mk, offset)[:, :, :Lq]  # (B, H, Lq, D) float32
     if compat == "dsvc":
         key_ok = [m_k == 2, m_k == 1] if mmca else [m_k > 0]
         rows = [m_q != 2, None] if mmca else [None]
@@ -283,106 +280,3 @@ def _add_block(x, y, start):
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
-
-# -- prefill and training: query blocks against whole key rows ---------------------------------------
-# With the queries' key offset known when tracing (prefill, training), each query block's keys are a
-# static prefix: block i sees keys [0, offset + (i + 1) * bq). Its (bq, that prefix) scores fit in memory
-# (O(L x block)), so each branch's softmax is taken over the whole row at once: no running rescale, one
-# exp for both branches (each key against its own branch's max) and one matmul against V with both
-# branches' weights. The blocks are unrolled (at most ROW_BLOCKS of them), every shape static. The
-# backward recomputes each block's weights from the saved log-sum-exps. It needs rowsum(dO * O_b) per
-# branch: for the image branch that is the sum of its weights times dO . V over its (few) keys, and the
-# text branch's is rowsum(dO * O) less it, so only the summed output is kept.
-
-ROWS = True
-ROW_BLOCKS = 16  # query blocks at most: the block grows with L beyond 16 x block
-
-
-def _row_block(Lq: int, block: int) -> int:
-    return max(min(block, Lq), -(-Lq // ROW_BLOCKS))
-
-
-def _row_spans(Lq: int, Lk: int, offset: int, bq: int):
-    """(query start, query end, key end) of each query block."""
-    return [(s, min(s + bq, Lq), min(Lk, offset + min(s + bq, Lq))) for s in range(0, Lq, bq)]
-
-
-def _row_scores(mmca: bool, q, k, m_q, m_k, offset: int, s0: int, s1: int, e: int):
-    """Scores of queries s0:s1 against keys :e, (B, H, s1 - s0, e) float32, -inf where no branch allows
-    the key; and each key's branch (B, 1, 1, e), True = image."""
-    s = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, s0:s1], k[:, :, :e], preferred_element_type=jnp.float32)
-    s = s / jnp.sqrt(jnp.float32(q.shape[-1]))
-    qi = (offset + s0 + jnp.arange(s1 - s0))[:, None]
-    ki = jnp.arange(e)[None, :]
-    mq, mk = m_q[:, None, s0:s1, None], m_k[:, None, None, :e]
-    if mmca:
-        allowed = jnp.where(mq == 2, (ki == qi) | (mk == 1), mk > 0) & (ki <= qi)
-    else:
-        allowed = (mk > 0) & (ki <= qi)
-    return jnp.where(allowed, s, -jnp.inf), mk == 2
-
-
-def _branch_sums(is_img, x, mmca: bool):
-    """Row sums of x over each branch's keys: (n, B, H, bq)."""
-    if not mmca:
-        return x.sum(-1)[None]
-    img = jnp.where(is_img, x, 0.0).sum(-1)
-    return jnp.stack([img, x.sum(-1) - img])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _rows(mmca, offset, bq, q, k, v, m_q, m_k):
-    return _rows_fwd(mmca, offset, bq, q, k, v, m_q, m_k)[0]
-
-
-def _rows_fwd(mmca, offset, bq, q, k, v, m_q, m_k):
-    outs, lses = [], []
-    for s0, s1, e in _row_spans(q.shape[2], k.shape[2], offset, bq):
-        s, is_img = _row_scores(mmca, q, k, m_q, m_k, offset, s0, s1, e)
-        if mmca:
-            m = jnp.stack([jnp.where(is_img, s, -jnp.inf).max(-1), jnp.where(is_img, -jnp.inf, s).max(-1)])
-        else:
-            m = s.max(-1)[None]
-        m = jnp.where(jnp.isfinite(m), m, 0.0)  # (n, B, H, bq)
-        p = jnp.exp(s - _pick(is_img, m))
-        l = _branch_sums(is_img, p, mmca)
-        inv = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)  # an empty branch adds nothing
-        # normalise after the matmul, as flash attention does: the text branch's (last) weights go in
-        # as they are and the sum is divided by l_txt once; image keys are scaled by l_txt / l_img
-        has_last = l[-1] > 0
-        post = jnp.where(has_last, inv[-1], 1.0)
-        w = p if not mmca else p * jnp.where(is_img, jnp.where(has_last, l[-1], 1.0)[..., None] * inv[0][..., None],
-                                             jnp.where(has_last, 1.0, 0.0)[..., None])
-        pv = jnp.einsum("bhqk,bhkd->bhqd", w.astype(v.dtype), v[:, :, :e], preferred_element_type=jnp.float32)
-        outs.append(pv * post[..., None])
-        lses.append(jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf))  # inf: weight exp(-inf) = 0
-    out = jnp.concatenate(outs, axis=2)
-    return out, (q, k, v, m_q, m_k, out, jnp.concatenate(lses, axis=-1))
-
-
-def _rows_bwd(mmca, offset, bq, res, d_out):
-    q, k, v, m_q, m_k, out, lses = res
-    d_out = d_out.astype(jnp.float32)
-    delta_all = (out * d_out).sum(-1)  # (B, H, Lq): rowsum(dO * O), O the sum of both branches
-    scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
-    dqs, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-    for s0, s1, e in _row_spans(q.shape[2], k.shape[2], offset, bq):
-        s, is_img = _row_scores(mmca, q, k, m_q, m_k, offset, s0, s1, e)
-        p = jnp.exp(s - _pick(is_img, lses[..., s0:s1]))  # (B, H, bq, e): both branches' weights
-        do = d_out[:, :, s0:s1].astype(v.dtype)
-        dp = jnp.einsum("bhqd,bhkd->bhqk", do, v[:, :, :e], preferred_element_type=jnp.float32)
-        delta = delta_all[None, :, :, s0:s1]  # rowsum(dO * O_b) of each branch: the image branch's over its
-        if mmca:  # few keys, the text branch's the rest
-            d_img = jnp.where(is_img, p * dp, 0.0).sum(-1)
-            delta = jnp.stack([d_img, delta[0] - d_img])
-        ds = p * (dp - _pick(is_img, delta)) * scale
-        dqs.append(jnp.einsum("bhqk,bhkd->bhqd", ds.astype(k.dtype), k[:, :, :e], preferred_element_type=jnp.float32))
-        dk = dk.at[:, :, :e].add(jnp.einsum("bhqk,bhqd->bhkd", ds.astype(q.dtype), q[:, :, s0:s1],
-                                            preferred_element_type=jnp.float32))
-        dv = dv.at[:, :, :e].add(jnp.einsum("bhqk,bhqd->bhkd", p.astype(v.dtype), do,
-                                            preferred_element_type=jnp.float32))
-    dq = jnp.concatenate(dqs, axis=2)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
-
-
-_rows.defvjp(_rows_fwd, _rows_bwd)
