@@ -279,4 +279,3 @@ def _add_block(x, y, start):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
-

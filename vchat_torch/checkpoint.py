@@ -46,10 +46,15 @@ def check_state_dict(model: torch.nn.Module, sd: dict, source: str, partial: boo
         raise CheckpointError(f"{source}: " + " | ".join(problems))
 
 
+def with_tied(config: ModelConfig, sd: dict) -> dict:
+    """`sd` with a tied lm_head (not stored in files) filled from its source key."""
+    aliases = tied_aliases(config)
+    return {**{a: sd[s] for a, s in aliases.items() if a not in sd and s in sd}, **sd}
+
+
 def load_state_dict_strict(model: torch.nn.Module, sd: dict, source: str, partial: bool = False) -> None:
     """Load after check_state_dict; a tied lm_head (not stored in files) is filled from its source key."""
-    aliases = tied_aliases(model.config) if hasattr(model, "config") else {}
-    sd = {**{a: sd[s] for a, s in aliases.items() if a not in sd and s in sd}, **sd}
+    sd = with_tied(model.config, sd) if hasattr(model, "config") else sd
     check_state_dict(model, sd, source, partial=partial)
     model.load_state_dict(sd, strict=not partial)
 
@@ -60,8 +65,7 @@ def build_loaded(config: ModelConfig, sd: dict, source: str) -> VisualChat:
     overwritten and a bf16 file gives a bf16 model."""
     with torch.device("meta"):
         model = VisualChat(config)
-    aliases = tied_aliases(config)
-    sd = {**{a: sd[s] for a, s in aliases.items() if a not in sd and s in sd}, **sd}
+    sd = with_tied(config, sd)
     check_state_dict(model, sd, source)
     model.load_state_dict(sd, strict=True, assign=True)
     if config.llm.tie_word_embeddings:  # assign made two parameters of one tensor: tie them again
