@@ -137,6 +137,7 @@ def build_jax(cfg: ModelConfig, data: dict):
     from flax import nnx
 
     from vchat_jax.model import VisualChat, forward_planned
+    from vchat_jax.xla import jit
 
     model = VisualChat(cfg, nnx.Rngs(0))
     trains = nnx.All(nnx.Param, lambda path, _: path[0] in ("lang_decoder", "lang_embed"))
@@ -144,7 +145,7 @@ def build_jax(cfg: ModelConfig, data: dict):
     plan = model.plan(data["input_ids"], data["attention_mask"], data["image_num"], data["labels"], pad_multiple=1)
     images = jnp.asarray(data["images"])
 
-    @jax.jit
+    @jit
     def loss_and_grads(params, rest, plan, images):  # the plan is an argument: no constant folding of masks
         return jax.value_and_grad(lambda p: forward_planned(nnx.merge(graphdef, p, rest), plan, images).loss)(params)
 

@@ -23,6 +23,7 @@ from flax import nnx
 from vchat.splice import SplicePlan, check_image_count
 
 from .model import KVCache
+from .xla import jit
 
 
 @dataclass
@@ -55,7 +56,7 @@ def sampling_key(seed: int | None) -> jax.Array:
     return jax.random.key(int(np.random.SeedSequence().generate_state(1)[0]) if seed is None else seed)
 
 
-@partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
+@partial(jit, static_argnums=(0,), donate_argnums=(4,))
 def prefill(graphdef, state, plan: SplicePlan, images, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """Write a planned chunk (its images spliced in) at the cache's index; last-position logits (B, V)."""
     model = nnx.merge(graphdef, state)
@@ -65,7 +66,7 @@ def prefill(graphdef, state, plan: SplicePlan, images, cache: KVCache) -> tuple[
     return logits[:, -1], cache
 
 
-@partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
+@partial(jit, static_argnums=(0, 5), donate_argnums=(2,))
 def decode_token(graphdef, state, cache: KVCache, tokens, positions, lang_embed: bool) -> tuple[jax.Array, KVCache]:
     """One text token per row (B,) at positions (B,), embedded with lang_embed (else the decoder's
     embed_tokens) and written at the cache's index. Returns logits (B, V) and the cache."""

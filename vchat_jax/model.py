@@ -32,6 +32,7 @@ from .attention import attention
 from .layers import ACT, constrain, embed, linear, param
 from .projection import build_projection
 from .vision import build_vision
+from .xla import jit
 
 # A plan (numpy arrays, or traced ones inside jit) passes through jax.jit like any pytree.
 jax.tree_util.register_dataclass(SplicePlan, data_fields=[f.name for f in dataclasses.fields(SplicePlan)],
@@ -327,6 +328,11 @@ def forward_planned(model: VisualChat, plan: SplicePlan, images, with_loss: bool
     return VisualChatOutput(loss=loss, logits=logits, modality=jnp.asarray(plan.modality), labels=labels)
 
 
-@partial(nnx.jit, static_argnums=3)
 def _forward_jit(model: VisualChat, plan: SplicePlan, images, with_loss: bool) -> VisualChatOutput:
-    return forward_planned(model, plan, images, with_loss)
+    graphdef, state = nnx.split(model)
+    return _forward_split(graphdef, state, plan, images, with_loss)
+
+
+@partial(jit, static_argnums=(0, 4))
+def _forward_split(graphdef, state, plan: SplicePlan, images, with_loss: bool) -> VisualChatOutput:
+    return forward_planned(nnx.merge(graphdef, state), plan, images, with_loss)

@@ -60,6 +60,7 @@ from .batches import BATCH_KEYS, epoch_batches, plan_batch
 from .model import VisualChat, forward_planned
 from .optim import OptimizerConfig, lr_lambda, make_optimizer
 from .sharding import logical_to_spec, make_mesh, param_shardings, parse_mesh
+from .xla import jit
 
 
 def trainable_filter(parts: Sequence[str]):
@@ -126,11 +127,11 @@ class Trainer:
         self.batch_shardings = {k: img if k == "images" else row for k in BATCH_KEYS}
         s = self.shardings
         metrics = {k: self.replicated for k in ("loss", "grad_norm", "lr")}
-        self._step = jax.jit(self._train_step,
+        self._step = jit(self._train_step,
                              in_shardings=(s.params, s.opt_state, s.step, s.frozen, self.batch_shardings),
                              out_shardings=(s.params, s.opt_state, s.step, metrics),
                              donate_argnums=(0, 1) if donate else ())
-        self._eval = jax.jit(self.loss_fn, in_shardings=(s.params, s.frozen, self.batch_shardings),
+        self._eval = jit(self.loss_fn, in_shardings=(s.params, s.frozen, self.batch_shardings),
                              out_shardings=self.replicated)
         self._lam = lr_lambda(opt.lr_scheduler_type, opt.warmup_steps, opt.total_steps)
 
@@ -185,7 +186,7 @@ class Trainer:
         """The model's parameters (as given to the constructor) and a fresh optimizer, placed on the mesh."""
         s = self.shardings
 
-        @jax.jit
+        @jit
         def fresh(params, frozen):  # copies: a donated step must not free the model's own buffers
             params = jax.lax.with_sharding_constraint(jax.tree.map(jnp.copy, params), s.params)
             return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
