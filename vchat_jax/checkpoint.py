@@ -177,9 +177,10 @@ def from_state_dict(config: ModelConfig, sd: dict, mesh=None) -> VisualChat:
     return filled(config, state_dict_to_params(sd, config, shapes), mesh, model)
 
 
-def filled(config: ModelConfig, params: dict, mesh=None, model: VisualChat | None = None) -> VisualChat:
+def filled(config: ModelConfig, params: dict, mesh=None, model: VisualChat | None = None, dtype=None) -> VisualChat:
     """The abstract model (`nnx.eval_shape`: nothing allocated, nothing initialised) with its parameters
-    set from `params` ({path: array}, every one), each cast to the model's dtype and placed with its
+    set from `params` ({path: array, or a function returning it}, every one: functions are called one at
+    a time, as each parameter is set), each cast to `dtype` (default: the model's) and placed with its
     sharding on `mesh`."""
     model = model if model is not None else nnx.eval_shape(lambda: VisualChat(config, nnx.Rngs(0)))
     flat = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
@@ -191,6 +192,7 @@ def filled(config: ModelConfig, params: dict, mesh=None, model: VisualChat | Non
 
         shardings = param_shardings(model, mesh)
     for path, var in flat.items():
-        arr = jnp.asarray(params[path], dtype=var.get_value().dtype)
+        value = params[path]() if callable(params[path]) else params[path]
+        arr = jnp.asarray(value, dtype=dtype if dtype is not None else var.get_value().dtype)
         var.set_value(jax.device_put(arr, shardings[path]) if shardings is not None else arr)
     return model

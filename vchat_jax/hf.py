@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -74,19 +73,12 @@ def from_hf(lm_dir: str, vision_dir: str | None = None, vision_type: str | None 
             seed: int = 0, mesh=None, **config_overrides) -> VisualChat:
     """vchat_jax.VisualChat from an HF LLaMA directory and a vision directory (or a `vchat convert --to hf`
     output). The whole model is in `dtype` (default: the LM checkpoint's); `mesh` shards it as it loads."""
-    p, dt, model, flat, entries, shapes = _abstract(
+    p, dt, model, _, entries, shapes = _abstract(
         lm_dir, vision_dir, dtype, vision_type=vision_type, max_seq_len=max_seq_len, mmca=mmca, compat=compat,
         projection=projection, seed=seed, **config_overrides)
-    shardings = None
-    if mesh is not None:
-        from .sharding import param_shardings
+    from .checkpoint import filled
 
-        shardings = param_shardings(model, mesh)
-    for e in entries:
-        arr = jnp.asarray(_read(p, e, shapes), dtype=dt)
-        if shardings is not None:
-            arr = jax.device_put(arr, shardings[e.jax])
-        flat[e.jax].set_value(arr)
+    model = filled(p.config, {e.jax: (lambda e=e: _read(p, e, shapes)) for e in entries}, mesh, model, dtype=dt)
     model.astype(dt)  # flax layers carry their compute dtype
     model.tokenizer = tokenizer_of(p)
     model.image_processor = image_processor(p.vision.folder, p.config.vision)
