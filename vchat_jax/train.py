@@ -128,11 +128,11 @@ class Trainer:
         s = self.shardings
         metrics = {k: self.replicated for k in ("loss", "grad_norm", "lr")}
         self._step = jit(self._train_step,
-                             in_shardings=(s.params, s.opt_state, s.step, s.frozen, self.batch_shardings),
-                             out_shardings=(s.params, s.opt_state, s.step, metrics),
-                             donate_argnums=(0, 1) if donate else ())
+                         in_shardings=(s.params, s.opt_state, s.step, s.frozen, self.batch_shardings),
+                         out_shardings=(s.params, s.opt_state, s.step, metrics),
+                         donate_argnums=(0, 1) if donate else ())
         self._eval = jit(self.loss_fn, in_shardings=(s.params, s.frozen, self.batch_shardings),
-                             out_shardings=self.replicated)
+                         out_shardings=self.replicated)
         self._lam = lr_lambda(opt.lr_scheduler_type, opt.warmup_steps, opt.total_steps)
 
     # -- the step --------------------------------------------------------------------------------------
